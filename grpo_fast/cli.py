@@ -1,0 +1,86 @@
+"""The `grpo-fast` command line.
+
+    grpo-fast train --config configs/tiny-offline.yaml [--set learning_rate=1e-4 ...] [--resume]
+    grpo-fast eval  --config configs/tiny-offline.yaml [--adapter outputs/tiny-offline] [--data F]
+    grpo-fast plan  --config configs/qwen2.5-1.5b-gsm8k-qlora.yaml [--gpu-memory 12GiB]
+    grpo-fast plot  outputs/tiny-online
+
+Config and data errors print one line naming the file, line or key, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from .config import ConfigError, load_config
+from .data import DataError
+
+logger = logging.getLogger("grpo_fast")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (dotted for sections, e.g. lora.r=8); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpo-fast", description="Fast GRPO training for causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train with a config (offline or online GRPO)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")
+
+    p = sub.add_parser("eval", help="evaluate a model or adapter on held-out data")
+    _add_config_args(p)
+    p.add_argument("--adapter", help="trained adapter (or full model) directory; default: the config's model")
+    p.add_argument("--data", help="held-out file; default: the config's eval_dataset_path")
+    p.add_argument("--output", help="results JSON path; default: <adapter or output_dir>/eval_results.json")
+
+    p = sub.add_parser("plan", help="estimate peak GPU memory for a config before running it")
+    _add_config_args(p)
+    p.add_argument("--gpu-memory", help="card memory to plan for, e.g. 12GiB or 24GB")
+
+    p = sub.add_parser("plot", help="plot metrics.jsonl of a run directory to a PNG")
+    p.add_argument("run_dir", help="a run's output_dir holding metrics.jsonl")
+    p.add_argument("--output", help="PNG path; default: <run_dir>/metrics.png")
+    p.add_argument("--metrics", nargs="*", help="metric names to plot (default: the main ones present)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        if args.command == "plot":
+            from .plot import plot_run
+
+            print(f"wrote {plot_run(args.run_dir, args.output, args.metrics)}")
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "train":
+            from .trainer import train
+
+            logger.info("resolved config:\n%s", cfg.to_yaml())
+            train(cfg, resume=args.resume)
+        elif args.command == "eval":
+            from .evaluate import evaluate
+
+            evaluate(cfg, adapter=args.adapter, data_path=args.data, output=args.output)
+        elif args.command == "plan":
+            from .plan import plan_command
+
+            print(plan_command(cfg, args.gpu_memory))
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"grpo-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Datasets: scored-completion groups (offline GRPO) and prompt sets (online GRPO).
+
+Offline format (the seed's), a JSON array or JSONL file, one record per prompt:
+
+    {"prompt": "2+3=", "completions": [{"text": "5", "score": 1.0}, {"text": "7", "score": 0.2}]}
+
+At least 2 completions per record; groups may differ in size K. Each (prompt, completion) pair
+is tokenized as prompt + completion + EOS; only completion tokens (and the EOS) are scored.
+Bad records raise `DataError` naming the file and line (or are skipped and counted with
+`skip_invalid`).
+
+Online format: JSON/JSONL with a `prompt` column (a string, or a list of chat messages rendered
+with the tokenizer's chat template) plus any other columns (e.g. `answer`), which are handed to
+the reward functions; or a `datasets` hub name + split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the line."""
+
+
+def iter_json_records(path: str) -> Iterator[tuple[int, Any]]:
+    """Yield (line_number, record) from a JSON array or a JSONL file.
+
+    Line numbers are 1-based and point at the line where the record starts, so an error message
+    can send the user straight to it."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: file not found")
+    text = p.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    decoder = json.JSONDecoder()
+    if stripped.startswith("["):
+        idx = text.index("[") + 1
+        while True:
+            while idx < len(text) and text[idx] in " \t\r\n,":
+                idx += 1
+            if idx >= len(text):
+                raise DataError(f"{path}: unterminated JSON array")
+            if text[idx] == "]":
+                return
+            line = text.count("\n", 0, idx) + 1
+            try:
+                record, idx = decoder.raw_decode(text, idx)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line}: invalid JSON: {e.msg}") from None
+            yield line, record
+    else:
+        for line, raw in enumerate(text.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line}: invalid JSON: {e.msg}") from None
+            yield line, record
+
+
+def validate_scored_record(record: Any) -> Optional[str]:
+    """None if `record` is a valid scored group, else what is wrong with it."""
+    if not isinstance(record, dict):
+        return f"record must be an object, got {type(record).__name__}"
+    for key in ("prompt", "completions"):
+        if key not in record:
+            return f"missing key '{key}'"
+    prompt = record["prompt"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        return "'prompt' must be a non-empty string"
+    comps = record["completions"]
+    if not isinstance(comps, list):
+        return "'completions' must be a list"
+    if len(comps) < 2:
+        return f"'completions' needs at least 2 entries for a group, got {len(comps)}"
+    for i, c in enumerate(comps):
+        if not isinstance(c, dict):
+            return f"completions[{i}] must be an object with 'text' and 'score'"
+        for key in ("text", "score"):
+            if key not in c:
+                return f"completions[{i}]: missing key '{key}'"
+        if not isinstance(c["text"], str):
+            return f"completions[{i}].text must be a string"
+        score = c["score"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            return f"completions[{i}].score must be a finite number, got {score!r}"
+    return None
+
+
+def load_scored_records(path: str, skip_invalid: bool = False) -> list[dict]:
+    """Read and validate a scored-completion file; returns the valid records."""
+    records, skipped = [], 0
+    for line, record in iter_json_records(path):
+        problem = validate_scored_record(record)
+        if problem is None:
+            records.append({"prompt": record["prompt"],
+                            "texts": [c["text"] for c in record["completions"]],
+                            "scores": [float(c["score"]) for c in record["completions"]]})
+        elif skip_invalid:
+            skipped += 1
+            logger.warning("%s:%d: skipped invalid record: %s", path, line, problem)
+        else:
+            raise DataError(f"{path}:{line}: {problem} (set skip_invalid: true to skip such records)")
+    if skipped:
+        logger.warning("%s: skipped %d invalid record(s), kept %d", path, skipped, len(records))
+    if not records:
+        raise DataError(f"{path}: no valid records")
+    return records
+
+
+def tokenize_group(tokenizer, prompt: str, texts: list[str], max_seq_length: int) -> dict:
+    """Token ids and completion masks of one group: prompt + completion + EOS each, truncated
+    from the left to max_seq_length so the completion's end (and its EOS) is always kept."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    input_ids, completion_masks = [], []
+    for text in texts:
+        comp_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = prompt_ids + comp_ids
+        cmask = [0] * len(prompt_ids) + [1] * len(comp_ids)
+        input_ids.append(ids[-max_seq_length:])
+        completion_masks.append(cmask[-max_seq_length:])
+    return {"input_ids": input_ids, "completion_mask": completion_masks}
+
+
+def load_offline_dataset(path: str, tokenizer, max_seq_length: int, skip_invalid: bool = False):
+    """A `datasets.Dataset` of tokenized groups with columns input_ids (K, T_k),
+    completion_mask (K, T_k) and scores (K,)."""
+    import datasets
+
+    records = load_scored_records(path, skip_invalid)
+    ds = datasets.Dataset.from_list(records)
+    return ds.map(
+        lambda r: {**tokenize_group(tokenizer, r["prompt"], r["texts"], max_seq_length),
+                   "scores": r["scores"]},
+        remove_columns=["texts"], desc="tokenizing groups")
+
+
+@dataclass
+class GroupCollator:
+    """Pads a list of groups into (B, K, T) tensors plus a (B, K) group mask.
+
+    K is the largest group in the batch and T the longest sequence: padding is right-sided and
+    masked out of both attention and the completion mask."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        B = len(features)
+        K = max(len(f["input_ids"]) for f in features)
+        T = max(len(ids) for f in features for ids in f["input_ids"])
+        input_ids = torch.full((B, K, T), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, K, T), dtype=torch.long)
+        completion_mask = torch.zeros((B, K, T), dtype=torch.long)
+        scores = torch.zeros((B, K), dtype=torch.float32)
+        group_mask = torch.zeros((B, K), dtype=torch.bool)
+        for b, f in enumerate(features):
+            for k, (ids, cm) in enumerate(zip(f["input_ids"], f["completion_mask"])):
+                input_ids[b, k, : len(ids)] = torch.tensor(ids)
+                attention_mask[b, k, : len(ids)] = 1
+                completion_mask[b, k, : len(cm)] = torch.tensor(cm)
+                scores[b, k] = f["scores"][k]
+                group_mask[b, k] = True
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "completion_mask": completion_mask, "scores": scores, "group_mask": group_mask}
+
+
+def render_prompt(tokenizer, prompt: Any, where: str) -> str:
+    """A prompt as text: strings pass through; chat message lists go through the chat template."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise DataError(f"{where}: empty prompt")
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError(f"{where}: prompt is a list of chat messages but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    raise DataError(f"{where}: prompt must be a string or a list of {{role, content}} messages, got {prompt!r:.80}")
+
+
+def load_prompt_dataset(tokenizer, *, path: Optional[str] = None, name: Optional[str] = None,
+                        config_name: Optional[str] = None, split: str = "train",
+                        prompt_column: str = "prompt") -> list[dict]:
+    """Prompt records for online GRPO: each a dict with `prompt` (rendered text) and every other
+    column of the source, unchanged (they are passed to the reward functions)."""
+    if path is not None:
+        rows = [(f"{path}:{line}", r) for line, r in iter_json_records(path)]
+    else:
+        import datasets
+
+        ds = datasets.load_dataset(name, config_name, split=split)
+        rows = [(f"{name}[{split}] row {i}", r) for i, r in enumerate(ds)]
+    records = []
+    for where, r in rows:
+        if not isinstance(r, dict) or prompt_column not in r:
+            raise DataError(f"{where}: missing column '{prompt_column}'")
+        rec = {k: v for k, v in r.items() if k != prompt_column}
+        rec["prompt"] = render_prompt(tokenizer, r[prompt_column], where)
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path or name}: no prompts")
+    return records

@@ -1,0 +1,228 @@
+"""Model and tokenizer loading: hub/local checkpoints, random-weight models from shipped configs,
+LoRA (peft), 4/8-bit base weights (bitsandbytes, QLoRA), attention backend choice.
+
+    model, tokenizer = load_model_and_tokenizer(cfg)
+
+`cfg.model_path` is a local directory or hub id (as transformers takes it), or a model *config*
+file (`configs/models/*.json`) that is built with random weights next to a byte-level tokenizer
+built locally with the `tokenizers` library, so the embedded defaults never need the internet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from .config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Saved next to an adapter trained on a random-weight model: the adapter alone is useless
+# without the exact base it was trained on.
+BASE_MODEL_DIR = "base_model"
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+
+
+def is_model_config_file(model_path: str) -> bool:
+    return model_path.endswith(".json") and Path(model_path).is_file()
+
+
+def build_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + pad/bos/eos = 259 ids) with no merges: every
+    string round-trips, nothing is downloaded."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    # Order the 256 byte symbols by the byte they stand for, so id == byte value.
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    assert set(vocab) == set(alphabet)
+    for i, tok in enumerate((PAD, BOS, EOS)):
+        vocab[tok] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([PAD, BOS, EOS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode map (what ByteLevel pre-tokenization uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def resolve_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """Pick the attention backend; returns (implementation, reason). FlashAttention-2 needs the
+    `flash_attn` package, a CUDA device and a half-precision dtype."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    missing = []
+    if not has_flash:
+        missing.append("the flash_attn package (pip install 'grpo-fast[flash]')")
+    if device.type != "cuda":
+        missing.append("a CUDA device")
+    if dtype not in (torch.bfloat16, torch.float16):
+        missing.append("dtype bfloat16 or float16")
+    if requested == "flash_attention_2":
+        if missing:
+            raise ConfigError(f"attn_implementation: flash_attention_2 needs {' and '.join(missing)}")
+        return "flash_attention_2", "requested"
+    if requested == "auto":
+        if not missing:
+            return "flash_attention_2", "flash_attn installed, CUDA, half precision"
+        return "sdpa", "FlashAttention-2 unavailable: needs " + " and ".join(missing)
+    return requested, "requested"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        # Common for base LMs (Llama, GPT-2); padded positions are masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization_config(cfg: Config):
+    q = cfg.quantization
+    if not (q.load_in_4bit or q.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=q.load_in_4bit,
+        load_in_8bit=q.load_in_8bit,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        # The LM head stays in full precision: the fused log-prob kernel reads it directly.
+        llm_int8_skip_modules=["lm_head"],
+    )
+
+
+def load_base_model(cfg: Config, device: Optional[torch.device] = None, base_dir: Optional[str] = None):
+    """The base causal LM (no adapter) and its tokenizer. `base_dir` (a saved base_model/)
+    takes precedence over cfg.model_path."""
+    device = device or default_device()
+    dtype = resolve_dtype(cfg.dtype, device)
+    attn, reason = resolve_attn_implementation(cfg.attn_implementation, device, dtype)
+    logger.info("attention: %s (%s)", attn, reason)
+    quant = _quantization_config(cfg)
+    source = base_dir or cfg.model_path
+    if base_dir is None and is_model_config_file(cfg.model_path):
+        if quant is not None:
+            raise ConfigError("quantization: a random-weight model built from a config file cannot be "
+                              "loaded quantized; save it first (grpo-fast saves base_model/) and point "
+                              "model_path there")
+        try:
+            model_cfg = AutoConfig.for_model(**json.loads(Path(cfg.model_path).read_text()))
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            raise ConfigError(f"model_path: {cfg.model_path} is not a valid model config: {e}") from None
+        tokenizer = build_byte_tokenizer()
+        if model_cfg.vocab_size < len(tokenizer):
+            raise ConfigError(f"model_path: {cfg.model_path} has vocab_size {model_cfg.vocab_size} "
+                              f"< {len(tokenizer)} byte-level tokenizer ids")
+        model_cfg.pad_token_id = tokenizer.pad_token_id
+        model_cfg.bos_token_id = tokenizer.bos_token_id
+        model_cfg.eos_token_id = tokenizer.eos_token_id
+        # Seeded so that a resumed run rebuilds the very base its checkpoint's adapter was trained on.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = AutoModelForCausalLM.from_config(model_cfg, dtype=dtype, attn_implementation=attn)
+        logger.info("built %s with random weights from %s", type(model).__name__, cfg.model_path)
+    else:
+        tokenizer = load_tokenizer(source)
+        kwargs = dict(dtype=dtype, attn_implementation=attn)
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+            kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quant is None:
+        model.to(device)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_model_and_tokenizer(cfg: Config, device: Optional[torch.device] = None,
+                             adapter_path: Optional[str] = None, trainable: bool = True,
+                             output_dir: Optional[str] = None):
+    """Base model + LoRA (fresh, or from `adapter_path` / cfg.lora_path) ready for training.
+
+    Returns (model, tokenizer). With cfg.lora.enabled false, the full model is trained. When the
+    base was built with random weights and `output_dir` is given, the base is saved to
+    `output_dir/base_model/` before the adapter wraps it (a few MB for the shipped tiny configs),
+    so the adapter can always be loaded onto the exact base it was trained on."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    adapter_path = adapter_path or cfg.lora_path
+    base_dir = None
+    if adapter_path and (Path(adapter_path) / BASE_MODEL_DIR).is_dir():
+        base_dir = str(Path(adapter_path) / BASE_MODEL_DIR)
+    if adapter_path and not cfg.lora.enabled and not base_dir:
+        # A full fine-tune saves the whole model: load it as the model.
+        base_dir = adapter_path
+    model, tokenizer = load_base_model(cfg, device, base_dir=base_dir)
+    if output_dir and base_dir is None and is_model_config_file(cfg.model_path) and cfg.lora.enabled:
+        target = Path(output_dir) / BASE_MODEL_DIR
+        if not (target / "config.json").is_file():
+            model.save_pretrained(target)
+            tokenizer.save_pretrained(target)
+    quantized = cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit
+    if quantized and trainable:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        if adapter_path:
+            if not (Path(adapter_path) / "adapter_config.json").is_file():
+                raise ConfigError(f"lora_path: {adapter_path} holds no adapter_config.json")
+            model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+        else:
+            model = get_peft_model(model, PeftLoraConfig(
+                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+    if cfg.gradient_checkpointing and trainable and not quantized:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.enabled:
+            # Non-reentrant checkpointing of a frozen embedding needs grads flowing into the
+            # first layer's inputs, or no LoRA gradient reaches the checkpointed blocks.
+            model.enable_input_require_grads()
+    if not trainable:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    logger.info("parameters: %s trainable of %s (%.2f%%)", f"{n_train:,}", f"{n_all:,}",
+                100.0 * n_train / max(n_all, 1))
+    return model, tokenizer

@@ -1,0 +1,399 @@
+r"""Reward functions for online GRPO: built-ins, loading from config, and batched scoring.
+
+A reward function has the signature TRL users already write::
+
+    def my_reward(prompts, completions, **columns) -> list[float | None]
+
+``prompts`` and ``completions`` are lists of strings (completions decoded with special tokens
+stripped); ``columns`` holds every extra dataset column (e.g. ``answer``) plus
+``completion_ids`` (list[list[int]]) and ``terminated`` (list[bool]: True when the completion
+ended with EOS rather than at the length limit), each a list aligned with ``completions``.
+Return one float per completion, or None where the reward does not apply to that sample.
+Functions should take ``**kwargs`` so new columns do not break them.
+
+Config lists rewards as specs::
+
+    rewards:
+      - {name: math_answer}
+      - {name: format, weight: 0.2, kwargs: {pattern: "<answer>.*?</answer>"}}
+      - {name: my_pkg.rewards:brevity, weight: 0.5}
+
+``load_reward_functions(specs)`` resolves them (built-in name or ``"package.module:function"``),
+``compute_rewards`` runs them on a batch and combines them, ``reward_metrics`` summarizes the
+result under TRL's metric names.
+
+Built-ins (``BUILTIN_REWARDS``): ``math_answer``, ``format``, ``length``, ``exact_match``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BUILTIN_REWARDS",
+    "RewardFunction",
+    "compute_rewards",
+    "exact_match_reward",
+    "extract_answer",
+    "format_reward",
+    "length_reward",
+    "load_reward_functions",
+    "math_answer_reward",
+    "reward_metrics",
+]
+
+RewardFn = Callable[..., Sequence[Any]]
+
+# --------------------------------------------------------------------------------------------
+# Answer extraction for math_answer
+# --------------------------------------------------------------------------------------------
+
+# A number: optional sign (only when not glued to a preceding word/number, so "5-6" reads as 6),
+# digits with optional "1,234"-style thousands groups, optional decimals; or ".5".
+_NUMBER = r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?:(?<![\w.])-)?\.\d+"
+_NUMBER_RE = re.compile(rf"(?P<num>{_NUMBER})(?:\s*/\s*(?P<den>{_NUMBER}))?")
+_LATEX_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_LATEX_FRAC_DIGITS_RE = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")  # \frac12
+_HASH_ANSWER_RE = re.compile(r"####([^\n]*)")
+# LaTeX spellings of characters that would hide a number from _NUMBER_RE.
+_LATEX_REPLACEMENTS = (("{,}", ","), ("\\!", ""), ("\\,", ""), ("\\$", "$"), ("\u2212", "-"))
+
+
+def _last_boxed(text: str) -> str | None:
+    r"""Content of the last ``\boxed{...}`` (balanced braces), or None if absent or unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start + len("\\boxed"), len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + len("\\boxed{") : i]
+    return None
+
+
+def _to_float(token: str) -> float:
+    return float(token.replace(",", ""))
+
+
+def _parse_number(text: str, *, last: bool = True) -> float | None:
+    """The last (or first) number or ``a/b`` fraction in ``text``, after LaTeX normalization."""
+    for latex, plain in _LATEX_REPLACEMENTS:
+        text = text.replace(latex, plain)
+    text = _LATEX_FRAC_RE.sub(r"\1/\2", text)
+    text = _LATEX_FRAC_DIGITS_RE.sub(r"\1/\2", text)
+    matches = list(_NUMBER_RE.finditer(text))
+    if not matches:
+        return None
+    match = matches[-1] if last else matches[0]
+    value = _to_float(match["num"])
+    if match["den"] is not None:
+        denominator = _to_float(match["den"])
+        if denominator == 0:
+            return None
+        value /= denominator
+    return value
+
+
+def extract_answer(text: str) -> float | None:
+    r"""The numeric final answer of a solution, or None.
+
+    Precedence: the last ``\boxed{...}`` (a boxed answer with no number in it is None: the model
+    committed to a non-numeric answer); else the first number after the last ``####`` (GSM8K);
+    else the last number in the text. Understands ``\frac{a}{b}``/``\dfrac``/``\tfrac``, ``a/b``,
+    ``-3``, ``2.5``, ``.5``, ``1,234``, ``$`` and a trailing ``.``.
+    """
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _parse_number(boxed)
+    hashes = _HASH_ANSWER_RE.findall(text)
+    if hashes:
+        value = _parse_number(hashes[-1], last=False)
+        if value is not None:
+            return value
+    return _parse_number(text)
+
+
+def _reference_value(answer: Any) -> float | None:
+    if isinstance(answer, numbers.Real):
+        return float(answer)
+    return extract_answer(str(answer))
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in reward functions
+# --------------------------------------------------------------------------------------------
+
+
+def math_answer_reward(
+    prompts: Sequence[Any],
+    completions: Sequence[str],
+    *,
+    answer: Sequence[Any],
+    tolerance: float = 1e-6,
+    **kwargs: Any,
+) -> list[float | None]:
+    r"""1.0 when the completion's final numeric answer equals the reference answer, else 0.0.
+
+    The completion's answer is read by ``extract_answer`` (last ``\boxed{}``, else ``#### x``,
+    else the last number). ``answer`` (a dataset column) may be a number, a bare number string or
+    a full GSM8K solution ending in ``#### 72``. Equal means
+    ``math.isclose(pred, ref, rel_tol=tolerance, abs_tol=tolerance)``. No number in the
+    completion scores 0.0; a reference with no number gives None (not applicable to that sample).
+    """
+    rewards: list[float | None] = []
+    for completion, ref in zip(completions, answer, strict=True):
+        reference = _reference_value(ref)
+        if reference is None:
+            rewards.append(None)
+            continue
+        predicted = extract_answer(completion)
+        correct = predicted is not None and math.isclose(
+            predicted, reference, rel_tol=tolerance, abs_tol=tolerance
+        )
+        rewards.append(1.0 if correct else 0.0)
+    return rewards
+
+
+DEFAULT_FORMAT_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_format(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.DOTALL)
+
+
+def format_reward(
+    prompts: Sequence[Any],
+    completions: Sequence[str],
+    *,
+    pattern: str = DEFAULT_FORMAT_PATTERN,
+    **kwargs: Any,
+) -> list[float]:
+    r"""1.0 when the whole completion (whitespace-stripped) matches ``pattern``, else 0.0.
+
+    The match is ``re.fullmatch`` with ``re.DOTALL`` (``.`` crosses newlines). The default,
+    ``<think>.*?</think>\s*<answer>.*?</answer>``, asks for reasoning then an answer and nothing
+    else. Set ``kwargs: {pattern: ...}`` in the reward spec for another layout, e.g. when the
+    chat template already opens ``<think>`` in the prompt.
+    """
+    compiled = _compile_format(pattern)
+    return [1.0 if compiled.fullmatch(c.strip()) else 0.0 for c in completions]
+
+
+def length_reward(
+    prompts: Sequence[Any],
+    completions: Sequence[str],
+    *,
+    target: int = 256,
+    completion_ids: Sequence[Sequence[int]] | None = None,
+    **kwargs: Any,
+) -> list[float]:
+    """Penalty for running past ``target``: 0 up to it, then -(excess / target), floored at -1.
+
+    Length is in tokens (``len(completion_ids[i])``) when the ``completion_ids`` column is given,
+    which the rollout always does, and in characters otherwise; ``target`` is in the same unit.
+    Reaches -1 at twice the target.
+    """
+    if target <= 0:
+        raise ValueError(f"length reward target must be > 0, got {target}")
+    lengths = [len(ids) for ids in completion_ids] if completion_ids is not None else map(len, completions)
+    return [max(-1.0, min(0.0, (target - n) / target)) for n in lengths]
+
+
+def exact_match_reward(
+    prompts: Sequence[Any],
+    completions: Sequence[str],
+    *,
+    answer: Sequence[Any],
+    terminated: Sequence[bool] | None = None,
+    **kwargs: Any,
+) -> list[float]:
+    """1.0 when ``completion.strip() == str(answer).strip()`` and the completion terminated.
+
+    Whitespace at either end is ignored, nothing else. When the ``terminated`` column is given,
+    a completion cut off at the length limit scores 0.0 even if its text matches, so the policy
+    learns to stop (emit EOS) rather than to pad to the limit.
+    """
+    if terminated is None:
+        terminated = [True] * len(completions)
+    return [
+        1.0 if done and completion.strip() == str(ref).strip() else 0.0
+        for completion, ref, done in zip(completions, answer, terminated, strict=True)
+    ]
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "math_answer": math_answer_reward,
+    "format": format_reward,
+    "length": length_reward,
+    "exact_match": exact_match_reward,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading from config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RewardFunction:
+    """A resolved reward: ``fn`` already has the spec's ``kwargs`` bound (functools.partial).
+
+    ``name`` is the built-in name, or the function's name for ``"module:function"`` specs
+    (as TRL names custom rewards); it keys the ``rewards/<name>/...`` metrics.
+    """
+
+    name: str
+    fn: RewardFn
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_SPEC_KEYS = frozenset({"name", "weight", "kwargs"})
+
+
+def _import_function(path: str) -> RewardFn:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward {path!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any import-time failure of user code, not only ImportError
+        raise ValueError(f"reward {path!r}: cannot import module {module_name!r}: {err!r}") from err
+    try:
+        fn = getattr(module, attr)
+    except AttributeError as err:
+        raise ValueError(f"reward {path!r}: module {module_name!r} has no attribute {attr!r}") from err
+    if not callable(fn):
+        raise ValueError(f"reward {path!r}: {attr!r} is a {type(fn).__name__}, not a callable")
+    return fn
+
+
+def load_reward_functions(specs: Sequence[Mapping[str, Any]]) -> list[RewardFunction]:
+    """Resolve reward specs ``{"name": str, "weight": float = 1.0, "kwargs": dict = {}}``.
+
+    ``name`` is a key of ``BUILTIN_REWARDS`` or ``"package.module:function"``. Raises ValueError
+    for an unknown built-in (listing the built-ins), an unimportable module (with the original
+    error), a missing or non-callable attribute, unknown spec keys, or two rewards with the same
+    name (their metrics would collide).
+    """
+    loaded: list[RewardFunction] = []
+    for spec in specs:
+        if not isinstance(spec, Mapping) or "name" not in spec:
+            raise ValueError(f"reward spec must be a mapping with a 'name', got {spec!r}")
+        unknown = set(spec) - _SPEC_KEYS
+        if unknown:
+            raise ValueError(
+                f"reward {spec['name']!r}: unknown spec keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}"
+            )
+        name = spec["name"]
+        if ":" in name:
+            target = _import_function(name)
+            name = name.partition(":")[2]
+        elif name in BUILTIN_REWARDS:
+            target = BUILTIN_REWARDS[name]
+        else:
+            raise ValueError(
+                f"unknown reward {name!r}: built-ins are {sorted(BUILTIN_REWARDS)}, "
+                "or give an import path 'package.module:function'"
+            )
+        if any(r.name == name for r in loaded):
+            raise ValueError(f"reward {name!r} is listed twice; its metrics would collide")
+        kwargs = dict(spec.get("kwargs") or {})
+        fn = functools.partial(target, **kwargs) if kwargs else target
+        weight = float(spec.get("weight", 1.0))
+        loaded.append(RewardFunction(name=name, fn=fn, weight=weight, kwargs=kwargs))
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a batch
+# --------------------------------------------------------------------------------------------
+
+
+def _as_rewards(name: str, output: Any, expected: int) -> list[float]:
+    if isinstance(output, (str, bytes)) or not isinstance(output, Sequence):
+        raise ValueError(f"reward function '{name}' must return a list, got {type(output).__name__}")
+    if len(output) != expected:
+        raise ValueError(f"reward function '{name}' returned {len(output)} rewards, expected {expected}")
+    values = []
+    for i, value in enumerate(output):
+        if value is None:
+            values.append(math.nan)
+        elif isinstance(value, numbers.Real):
+            values.append(float(value))
+        else:
+            raise ValueError(
+                f"reward function '{name}' returned a non-numeric reward at index {i}: {value!r} "
+                f"({type(value).__name__}); expected float or None"
+            )
+    return values
+
+
+def compute_rewards(
+    reward_fns: Sequence[RewardFunction],
+    prompts: Sequence[Any],
+    completions: Sequence[str],
+    columns: Mapping[str, Sequence[Any]],
+) -> tuple[Tensor, Tensor]:
+    """Run every reward function on the batch and combine them.
+
+    Each function is called as ``fn(prompts, completions, **columns)``.
+
+    Returns:
+        per_fn: (N, F) float32, NaN where a function returned None.
+        total: (N,) ``nansum_f weight_f * per_fn[:, f]`` (as TRL): a None drops that function
+            from the sample's sum, and a sample every function returned None for gets 0.
+
+    Raises:
+        RuntimeError: a function raised (chained from the original exception, naming it).
+        ValueError: a function returned the wrong number of rewards or a non-numeric one.
+    """
+    n = len(completions)
+    columns_out = []
+    for reward in reward_fns:
+        try:
+            output = reward.fn(prompts, completions, **columns)
+        except Exception as err:
+            raise RuntimeError(f"reward function '{reward.name}' failed: {err!r}") from err
+        columns_out.append(_as_rewards(reward.name, output, n))
+    per_fn = torch.tensor(columns_out, dtype=torch.float32).reshape(len(reward_fns), n).T.contiguous()
+    weights = torch.tensor([r.weight for r in reward_fns], dtype=torch.float32)
+    total = (per_fn * weights).nansum(dim=1)
+    return per_fn, total
+
+
+def _nanstd(x: Tensor) -> Tensor:
+    """Unbiased std over the non-NaN entries (NaN when fewer than 2)."""
+    valid = x[~x.isnan()]
+    return valid.std() if valid.numel() > 1 else x.new_tensor(math.nan)
+
+
+def reward_metrics(per_fn: Tensor, total: Tensor, reward_fns: Sequence[RewardFunction]) -> dict[str, float]:
+    """Batch reward summary under TRL's names.
+
+    ``reward``: mean of ``total``; ``reward_std``: its unbiased std over the batch;
+    ``rewards/<name>/mean`` and ``rewards/<name>/std``: over the samples where that function
+    applied (non-NaN). A std over fewer than 2 values, or a function that applied to nothing,
+    gives NaN.
+    """
+    names = ["reward", "reward_std"]
+    values = [total.mean(), _nanstd(total)]
+    for i, reward in enumerate(reward_fns):
+        names += [f"rewards/{reward.name}/mean", f"rewards/{reward.name}/std"]
+        values += [per_fn[:, i].nanmean(), _nanstd(per_fn[:, i])]
+    return dict(zip(names, torch.stack(values).tolist()))

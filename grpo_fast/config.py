@@ -283,15 +283,15 @@ def _get(cfg: Any, dotted: str) -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value) with the value parsed as YAML (numbers, bools, lists)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. learning_rate=1e-4")
+        raise ConfigError(f"--set '{text}': expected KEY=VALUE, e.g. learning_rate=1e-4")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override '{text}': empty key")
+        raise ConfigError(f"--set '{text}': empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML: {e}") from None
+        raise ConfigError(f"--set '{text}': value is not valid YAML: {e}") from None
     return key.split("."), value
 
 
@@ -305,7 +305,7 @@ def config_from_dict(data: dict, overrides: Optional[list[str]] = None, source: 
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override '{text}': '{part}' is not a section")
+                raise ConfigError(f"--set '{text}': '{part}' is not a section")
             node = child
         node[parts[-1]] = value
     try:

@@ -212,7 +212,7 @@ def _grouped(rewards: Tensor, num_generations: int) -> Tensor:
             f"rewards must be 1-D with a length divisible by num_generations={num_generations}; "
             f"got shape {tuple(rewards.shape)}"
         )
-    return rewards.view(-1, num_generations)
+    return rewards.reshape(-1, num_generations)
 
 
 def _zero_std_groups(grouped: Tensor) -> Tensor:

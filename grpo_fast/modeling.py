@@ -208,9 +208,12 @@ def load_model_and_tokenizer(cfg: Config, device: Optional[torch.device] = None,
                 raise ConfigError(f"lora_path: {adapter_path} holds no adapter_config.json")
             model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
         else:
-            model = get_peft_model(model, PeftLoraConfig(
-                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+            # Seeded: the same config gives the same initial adapter, run after run.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                model = get_peft_model(model, PeftLoraConfig(
+                    r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                    target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
     if cfg.gradient_checkpointing and trainable and not quantized:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora.enabled:

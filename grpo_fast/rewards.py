@@ -326,6 +326,8 @@ def load_reward_functions(specs: Sequence[Mapping[str, Any]]) -> list[RewardFunc
 
 
 def _as_rewards(name: str, output: Any, expected: int) -> list[float]:
+    if hasattr(output, "tolist"):  # numpy arrays and tensors, which TRL also accepts
+        output = output.tolist()
     if isinstance(output, (str, bytes)) or not isinstance(output, Sequence):
         raise ValueError(f"reward function '{name}' must return a list, got {type(output).__name__}")
     if len(output) != expected:

@@ -36,8 +36,11 @@ HAND_SCORES = torch.tensor([[0.0, 0.0, 0.0], [LN3, 0.0, 99.0], [1.0, 2.0, 3.0]],
 HAND_MASK = torch.tensor([[True, True, False], [True, True, False], [True, False, False]])
 # KL(q||p): group 0 = 1/2 ln(4/3) = 0.1438410362; group 1 = 3/4 ln(9/4) + 1/4 ln(3/8) = 0.3629903489.
 HAND_FORWARD = (0.5 * math.log(4 / 3) + 0.75 * math.log(9 / 4) + 0.25 * math.log(3 / 8)) / 2
-# KL(p||q): group 0 = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.1308120359; group 1 = 1/3 ln(4/9) + 2/3 ln(8/3) = 0.3835760966.
-HAND_REVERSE = (0.25 * math.log(0.5) + 0.75 * math.log(1.5) + math.log(4 / 9) / 3 + 2 * math.log(8 / 3) / 3) / 2
+# KL(p||q): group 0 = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.1308120359;
+#           group 1 = 1/3 ln(4/9) + 2/3 ln(8/3) = 0.3835760966.
+HAND_REVERSE = (
+    0.25 * math.log(0.5) + 0.75 * math.log(1.5) + math.log(4 / 9) / 3 + 2 * math.log(8 / 3) / 3
+) / 2
 
 
 def test_listwise_forward_matches_hand_computation():
@@ -56,7 +59,9 @@ def test_listwise_forward_equals_kl_div_per_group():
     g = _gen(0)
     seq_logps = torch.randn(4, 5, generator=g, dtype=torch.float64) * 3
     scores = torch.randn(4, 5, generator=g, dtype=torch.float64)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 1, 0], [0, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1], [1, 1, 0, 1, 0], [0, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool
+    )
     expected = torch.stack(
         [
             F.kl_div(seq_logps[b][mask[b]].log_softmax(-1), scores[b][mask[b]].log_softmax(-1),
@@ -75,7 +80,9 @@ def test_listwise_gradient_matches_finite_differences(direction):
     mask = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
 
     def fn(x):
-        return listwise_kl_loss(x, scores, mask, policy_temperature=0.7, score_temperature=1.3, direction=direction)
+        return listwise_kl_loss(
+            x, scores, mask, policy_temperature=0.7, score_temperature=1.3, direction=direction
+        )
 
     assert torch.autograd.gradcheck(fn, (seq_logps,))
 
@@ -281,7 +288,8 @@ def _reference_grpo_loss(logps, old, ref, adv, mask, loss_type, eps_low, eps_hig
 def _random_batch(seed, n=6, t=7, beta=True):
     g = _gen(seed)
     logps = -torch.rand(n, t, generator=g, dtype=torch.float64) * 3
-    old = logps + torch.randn(n, t, generator=g, dtype=torch.float64) * 0.3  # mu > 1: ratios spread past the clip
+    # mu > 1: old log-probs differ, so ratios spread past the clip range.
+    old = logps + torch.randn(n, t, generator=g, dtype=torch.float64) * 0.3
     ref = logps + torch.randn(n, t, generator=g, dtype=torch.float64) * 0.5
     adv = torch.randn(n, generator=g, dtype=torch.float64)
     mask = torch.rand(n, t, generator=g) < 0.7

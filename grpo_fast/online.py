@@ -1,0 +1,500 @@
+"""Online GRPO (DeepSeekMath, arXiv 2402.03300, section 4.1): a lean custom training loop.
+
+    grpo-fast train --config configs/tiny-online.yaml [--resume]
+    grpo-fast eval  --config configs/tiny-online.yaml --adapter outputs/tiny-online
+
+A *step* is one batch of rollouts (`gradient_accumulation_steps` micro-batches of `batch_size`
+prompts x G = `online.num_generations` completions) and the `online.num_iterations` (mu)
+optimizer updates made on it; with mu = 1, one step is one update, as in TRL. `OnlineTrainer.step`
+reads top to bottom:
+
+    rollout (no grad) -> rewards (B*G, F) -> group-relative advantages (B*G,)
+    -> frozen log-probs: old (mu > 1 only), reference (beta > 0 only)
+    -> mu x [per micro-batch: per-token log-probs -> grpo_loss -> backward] -> clip -> AdamW step
+
+Not the HF `Trainer`: generation, scoring and the update live in one loop here, with nothing to
+override. Metrics (TRL's names) go to `output_dir/metrics.jsonl` every `logging_steps`, to
+TensorBoard with `report_to: tensorboard`, and to a progress bar; sampled completions with their
+rewards to `completions.jsonl` every `online.log_completions_steps`. Checkpoints
+(`checkpoint-<step>/`: adapter or model, optimizer, scheduler, RNG states, position in the
+prompt stream) every `save_steps`, the latest `save_total_limit` kept; `--resume` continues from
+the latest one. Tested by tests/test_online.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import get_scheduler, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import logprobs
+from .config import Config, ConfigError
+from .data import load_prompt_dataset
+from .losses import group_advantages, grpo_loss, zero_std_fraction
+from .modeling import default_device, load_base_model, load_model_and_tokenizer
+from .rewards import RewardFunction, compute_rewards, load_reward_functions, reward_metrics
+from .rollout import Rollout, eos_token_ids, generate_completions
+from .trainer import METRICS_FILE, check_output_dir, save_final
+
+logger = logging.getLogger(__name__)
+
+COMPLETIONS_FILE = "completions.jsonl"
+STATE_FILE = "online_state.json"
+# Share of the logged rows averaged at each end of the run for the first-vs-last reward summary.
+SUMMARY_WINDOW = 0.1
+
+
+class PromptStream:
+    """An endless stream of prompt indices, each epoch a fresh seeded permutation.
+
+    `position` (prompts consumed so far) is all the state there is, so a checkpoint restores the
+    exact stream. A step may straddle two epochs; no prompt is dropped or padded."""
+
+    def __init__(self, num_prompts: int, seed: int, position: int = 0):
+        self.num_prompts, self.seed, self.position = num_prompts, seed, position
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_prompts, generator=generator).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            epoch, offset = divmod(self.position, self.num_prompts)
+            chunk = self._permutation(epoch)[offset:offset + k - len(out)]
+            out += chunk
+            self.position += len(chunk)
+        return out
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.num_prompts
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _json_value(value: float) -> Optional[float]:
+    return None if math.isnan(value) else value
+
+
+def completion_metrics(lengths: Tensor, terminated: Tensor) -> dict[str, float]:
+    """TRL's completion-length metrics; clipped_ratio = share cut at the length limit (no EOS)."""
+    lengths = lengths.float()
+    return {"completions/mean_length": lengths.mean().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": 1.0 - terminated.float().mean().item()}
+
+
+def reward_columns(records: list[dict], rolls: list[Rollout], num_generations: int) -> dict[str, list]:
+    """Every extra dataset column repeated G times (aligned with the completions), plus the
+    `completion_ids` and `terminated` columns that reward functions receive."""
+    keys = sorted({k for r in records for k in r if k != "prompt"})
+    columns: dict[str, list] = {k: [r.get(k) for r in records for _ in range(num_generations)] for k in keys}
+    columns["completion_ids"] = [ids[:n] for roll in rolls
+                                 for ids, n in zip(roll.completion_ids.tolist(), roll.lengths.tolist())]
+    columns["terminated"] = [t for roll in rolls for t in roll.terminated.tolist()]
+    return columns
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs besides weights, optimizer and scheduler."""
+
+    step: int = 0
+    prompts_consumed: int = 0
+    total_steps: int = 0
+
+
+class OnlineTrainer:
+    """Policy, optional frozen reference, reward functions, optimizer and the step loop."""
+
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg, self.o = cfg, cfg.online
+        self.out = Path(cfg.output_dir)
+        check_output_dir(cfg.output_dir, resume)
+        self.out.mkdir(parents=True, exist_ok=True)
+        set_seed(cfg.seed)
+        self.device = default_device()
+        resume_dir = get_last_checkpoint(cfg.output_dir) if resume else None
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            cfg, device=self.device, adapter_path=resume_dir, output_dir=cfg.output_dir)
+        self.model.train()
+        self.ref_model = None
+        if self.o.beta > 0 and not cfg.lora.enabled:
+            # Full fine-tuning has no adapter to switch off: the reference is the starting
+            # model, loaded once more (on resume too, where self.model holds trained weights).
+            self.ref_model, _ = load_base_model(cfg, self.device)
+            self.ref_model.eval().requires_grad_(False)
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        self.reward_fns: list[RewardFunction] = load_reward_functions([asdict(s) for s in self.o.rewards])
+
+        self.prompts = load_prompt_dataset(
+            self.tokenizer, path=cfg.dataset_path, name=self.o.dataset_name,
+            config_name=self.o.dataset_config, split=self.o.dataset_split, prompt_column=self.o.prompt_column)
+        self.eval_prompts: list[dict] = []
+        if self.o.eval_steps > 0 and cfg.eval_dataset_path:
+            self.eval_prompts = load_prompt_dataset(
+                self.tokenizer, path=cfg.eval_dataset_path,
+                prompt_column=self.o.prompt_column)[:self.o.eval_max_samples]
+        logger.info("online GRPO: %d prompts from %s, %d eval prompts, rewards %s", len(self.prompts),
+                    cfg.dataset_path or self.o.dataset_name, len(self.eval_prompts),
+                    ", ".join(f"{r.name} x {r.weight:g}" for r in self.reward_fns))
+
+        prompts_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        total_steps = (cfg.max_steps if cfg.max_steps > 0
+                       else math.ceil(cfg.num_epochs * len(self.prompts) / prompts_per_step))
+        self.state = TrainState(total_steps=total_steps)
+        self.optimizer = build_optimizer(cfg, self.model)
+        updates = total_steps * self.o.num_iterations
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=math.ceil(cfg.warmup_ratio * updates),
+                                       num_training_steps=updates)
+        if resume_dir:
+            self.load_checkpoint(Path(resume_dir))
+        self.stream = PromptStream(len(self.prompts), cfg.seed, self.state.prompts_consumed)
+        self.writer = None
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.logging_dir or str(self.out / "runs"))
+
+    # ---------------------------------------------------------------------------------------
+    # One step
+    # ---------------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str]) -> Rollout:
+        return rollout(self.cfg, self.model, self.tokenizer, self.eos_ids, prompts)
+
+    def completion_logps(self, model, roll: Rollout) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs and entropies (N, C) of the completion tokens, at the sampling
+        temperature (so they describe the distribution that was sampled), zero after EOS."""
+        logps, entropy = logprobs.token_logprobs(
+            model, roll.input_ids, roll.attention_mask, roll.loss_mask, temperature=self.o.temperature,
+            backend=self.cfg.logprob_backend, position_ids=roll.position_ids)      # (N, P+C-1) x2
+        # Column t scores input_ids[:, t+1]: the completion starts at column P-1.
+        start = roll.prompt_ids.size(1) - 1
+        return logps[:, start:], entropy[:, start:]                                   # (N, C) x2
+
+    @torch.no_grad()
+    def reference_logps(self, roll: Rollout) -> Tensor:
+        """(N, C) log-probs under the reference: the frozen copy (full fine-tuning) or the same
+        weights with the LoRA adapter switched off (no second copy in memory)."""
+        if self.ref_model is not None:
+            return self.completion_logps(self.ref_model, roll)[0]
+        with self.model.disable_adapter():
+            return self.completion_logps(self.model, roll)[0]
+
+    def step(self, records: list[dict]) -> tuple[dict[str, float], dict]:
+        """One GRPO step on `records` (batch_size x gradient_accumulation_steps prompt records).
+        Returns (metrics, samples) where samples holds what `log_completions` writes."""
+        cfg, o = self.cfg, self.o
+        G, ga, mu = o.num_generations, cfg.gradient_accumulation_steps, o.num_iterations
+
+        # 1. Rollout: ga micro-batches of B prompts x G completions from the current policy.
+        t_rollout = time.perf_counter()
+        chunks = [records[i:i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
+        rolls = [self.generate([r["prompt"] for r in chunk]) for chunk in chunks]      # ga x (B*G, C_k)
+
+        # 2. Rewards of all ga*B*G completions; dataset columns repeated G times to align.
+        prompts = [r["prompt"] for r in records for _ in range(G)]
+        texts = [t for roll in rolls for t in roll.texts]
+        per_fn, rewards = compute_rewards(self.reward_fns, prompts, texts,
+                                          reward_columns(records, rolls, G))            # (ga*B*G, F), (ga*B*G,)
+
+        # 3. Group-relative advantages; the step's groups are adjacent, so scale="batch" sees
+        #    every micro-batch's rewards.
+        advantages = group_advantages(rewards, G, scale=o.scale_rewards)                # (ga*B*G,)
+        advantages = advantages.to(self.device).split(cfg.batch_size * G)               # ga x (B*G,)
+        time_rollout = time.perf_counter() - t_rollout
+
+        # 4. Frozen log-probs. With mu = 1 the sampling policy *is* the current one, so grpo_loss
+        #    uses logp.detach() and this pass is skipped; with beta = 0 there is no reference pass.
+        t_train = time.perf_counter()
+        with torch.no_grad():
+            old = [self.completion_logps(self.model, r)[0] for r in rolls] if mu > 1 else [None] * ga
+        ref = [self.reference_logps(r) for r in rolls] if o.beta > 0 else [None] * ga
+        # dapo weighs every completion token of the step equally, across micro-batches.
+        num_items = sum(int(r.completion_mask.sum()) for r in rolls)
+
+        # 5. mu optimisation passes over the same samples, one optimizer update each.
+        losses, grad_norms, loss_metrics = [], [], []
+        entropy_sum, entropy_tokens = 0.0, 0
+        for _ in range(mu):
+            pass_loss = 0.0
+            for roll, adv, old_lp, ref_lp in zip(rolls, advantages, old, ref):
+                logps, entropy = self.completion_logps(self.model, roll)                # (B*G, C) x2
+                loss, metrics = grpo_loss(
+                    logps, old_lp, ref_lp, adv, roll.completion_mask, loss_type=o.loss_type,
+                    epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high, beta=o.beta,
+                    max_completion_length=o.max_completion_length, num_items_in_batch=num_items)
+                # grpo, bnpo and dr_grpo normalize within a micro-batch: dividing by ga makes the
+                # step's gradient their mean over micro-batches (for grpo and dr_grpo exactly the
+                # full-batch value, micro-batches being equal-sized). dapo already divides by the
+                # whole step's token count, so its micro-batch losses simply add up.
+                if o.loss_type != "dapo":
+                    loss = loss / ga
+                loss.backward()
+                pass_loss += loss.item()
+                loss_metrics.append(metrics)
+                entropy_sum += float((entropy * roll.completion_mask).sum())
+                entropy_tokens += int(roll.completion_mask.sum())
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(
+                self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)))
+            learning_rate = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(pass_loss)
+        time_train = time.perf_counter() - t_train
+
+        lengths = torch.cat([r.lengths for r in rolls]).cpu()                           # (ga*B*G,)
+        terminated = torch.cat([r.terminated for r in rolls]).cpu()                     # (ga*B*G,)
+        out = {"loss": sum(losses) / mu,
+               **reward_metrics(per_fn, rewards, self.reward_fns),
+               **completion_metrics(lengths, terminated),
+               **{k: _nanmean([m[k] for m in loss_metrics]) for k in loss_metrics[0]},
+               "entropy": entropy_sum / max(entropy_tokens, 1),
+               "frac_reward_zero_std": zero_std_fraction(rewards, G),
+               "learning_rate": learning_rate,
+               "grad_norm": sum(grad_norms) / mu,
+               "time/rollout": time_rollout,
+               "time/train": time_train}
+        samples = {"prompts": prompts, "texts": texts, "rewards": rewards.tolist(),
+                   "per_fn": per_fn.tolist(), "advantages": torch.cat(advantages).tolist()}
+        return out, samples
+
+    @property
+    def trainable(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # ---------------------------------------------------------------------------------------
+    # The loop
+    # ---------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg, state = self.cfg, self.state
+        prompts_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        pending: list[dict[str, float]] = []
+        start = time.perf_counter()
+        bar = tqdm(total=state.total_steps, initial=state.step, desc="online GRPO", dynamic_ncols=True)
+        try:
+            while state.step < state.total_steps:
+                records = [self.prompts[i] for i in self.stream.take(prompts_per_step)]
+                metrics, samples = self.step(records)
+                state.step += 1
+                state.prompts_consumed = self.stream.position
+                pending.append(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
+                if state.step == 1 or state.step % cfg.logging_steps == 0 or state.step == state.total_steps:
+                    self.log_row({k: _nanmean([m[k] for m in pending]) for k in pending[0]})
+                    pending.clear()
+                if self.o.log_completions_steps > 0 and state.step % self.o.log_completions_steps == 0:
+                    self.log_completions(samples)
+                if self.eval_prompts and state.step % self.o.eval_steps == 0:
+                    self.log_row({f"eval/{k}": v for k, v in self.evaluate(self.eval_prompts).items()})
+                if state.step % cfg.save_steps == 0:
+                    self.save_checkpoint()
+        except Exception:
+            logger.error("training stopped at step %d; checkpoints saved so far are in %s",
+                         state.step, self.out)
+            raise
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        save_final(cfg, self.model, self.tokenizer, cfg.output_dir)
+        summary = {"global_step": state.step, "train_runtime": time.perf_counter() - start,
+                   **reward_summary(self.out / METRICS_FILE)}
+        if "reward_first" in summary:
+            logger.info("mean reward over the first %d%% of logged steps %.4f -> last %d%% %.4f (%d rows)",
+                        round(100 * SUMMARY_WINDOW), summary["reward_first"], round(100 * SUMMARY_WINDOW),
+                        summary["reward_last"], summary["reward_rows"])
+        return summary
+
+    def log_row(self, logs: dict[str, float]) -> None:
+        """One metrics row: metrics.jsonl (as the offline MetricsFileCallback writes it),
+        TensorBoard, and the log."""
+        logs = {**logs, "epoch": round(self.stream.epoch, 4)}
+        row = {"step": self.state.step, "time": round(time.time(), 3), **logs}
+        with open(self.out / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for k, v in logs.items():
+                self.writer.add_scalar(k if "/" in k else f"train/{k}", v, self.state.step)
+        shown = ("reward", "loss", "kl", "entropy", "completions/mean_length", "eval/accuracy", "eval/reward")
+        logger.info("step %d: %s", self.state.step,
+                    ", ".join(f"{k}={logs[k]:.4g}" for k in shown if k in logs))
+
+    def log_completions(self, samples: dict) -> None:
+        """Every completion of this step with its rewards to completions.jsonl; a few to the log."""
+        names = [r.name for r in self.reward_fns]
+        with open(self.out / COMPLETIONS_FILE, "a") as f:
+            for i, (prompt, text) in enumerate(zip(samples["prompts"], samples["texts"])):
+                f.write(json.dumps({
+                    "step": self.state.step, "prompt": prompt, "completion": text,
+                    "reward": samples["rewards"][i], "advantage": samples["advantages"][i],
+                    "rewards": {n: _json_value(v) for n, v in zip(names, samples["per_fn"][i])}}) + "\n")
+        for i in range(min(self.o.num_generations, len(samples["texts"]))):
+            logger.info("sample (step %d) reward %.3f adv %+.3f | %r -> %r", self.state.step,
+                        samples["rewards"][i], samples["advantages"][i],
+                        samples["prompts"][i][-60:], samples["texts"][i][:120])
+
+    def evaluate(self, records: list[dict]) -> dict[str, float]:
+        return greedy_eval(self.cfg, self.model, self.tokenizer, self.reward_fns, self.eos_ids, records)
+
+    # ---------------------------------------------------------------------------------------
+    # Checkpoints
+    # ---------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint-<step>/ atomically (a temporary directory renamed at the end, so a
+        crash mid-save never leaves a half checkpoint for --resume), then rotate."""
+        final = self.out / f"checkpoint-{self.state.step}"
+        tmp = self.out / f"tmp-checkpoint-{self.state.step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   tmp / "rng_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        checkpoints = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in checkpoints[:-self.cfg.save_total_limit]:
+            shutil.rmtree(old)
+        logger.info("saved %s", final)
+        return final
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        """Restore what the weights (already loaded from `ckpt`) do not hold, and drop log rows
+        past the checkpoint that a crashed run wrote, so the resumed curve has no duplicates."""
+        self.state = TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
+        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt"))
+        rng = torch.load(ckpt / "rng_state.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        for name in (METRICS_FILE, COMPLETIONS_FILE):
+            truncate_jsonl(self.out / name, self.state.step)
+        logger.info("resumed from %s at step %d of %d", ckpt, self.state.step, self.state.total_steps)
+
+
+def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; biases and norm weights (1-D) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optim == "adamw_torch":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    import bitsandbytes.optim as bnb_optim
+
+    cls = bnb_optim.AdamW8bit if cfg.optim == "adamw_8bit" else bnb_optim.PagedAdamW8bit
+    return cls(groups, lr=cfg.learning_rate)
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only the rows of a step-keyed JSONL file with step <= `step`."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def reward_summary(metrics_path: Path) -> dict[str, float]:
+    """Mean `reward` of the first and last SUMMARY_WINDOW of the logged rows (at least one each)."""
+    if not metrics_path.is_file():
+        return {}
+    rewards = [row["reward"] for row in map(json.loads, metrics_path.read_text().splitlines())
+               if "reward" in row and row["reward"] is not None and not math.isnan(row["reward"])]
+    if not rewards:
+        return {}
+    n = max(1, round(len(rewards) * SUMMARY_WINDOW))
+    return {"reward_first": sum(rewards[:n]) / n, "reward_last": sum(rewards[-n:]) / n,
+            "reward_rows": len(rewards)}
+
+
+def rollout(cfg: Config, model, tokenizer, eos_ids: list[int], prompts: list[str], *,
+            greedy: bool = False) -> Rollout:
+    """G sampled completions per prompt with the config's sampling settings, or one greedy one."""
+    o = cfg.online
+    return generate_completions(
+        model, tokenizer, prompts, num_generations=1 if greedy else o.num_generations,
+        max_prompt_length=o.max_prompt_length, max_completion_length=o.max_completion_length,
+        temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, greedy=greedy, eos_ids=eos_ids)
+
+
+@torch.no_grad()
+def greedy_eval(cfg: Config, model, tokenizer, reward_fns: list[RewardFunction], eos_ids: list[int],
+                records: list[dict]) -> dict[str, float]:
+    """Greedy completions of `records`, scored by the reward functions.
+
+    Returns `accuracy` (mean of the first reward function, None ignored: the accuracy for 0/1
+    rewards such as math_answer or exact_match), `reward` (mean weighted total),
+    `rewards/<name>/mean` per function, and the completion-length metrics."""
+    rows = cfg.batch_size * cfg.online.num_generations
+    rolls = [rollout(cfg, model, tokenizer, eos_ids, [r["prompt"] for r in records[i:i + rows]], greedy=True)
+             for i in range(0, len(records), rows)]
+    texts = [t for roll in rolls for t in roll.texts]
+    per_fn, total = compute_rewards(reward_fns, [r["prompt"] for r in records], texts,
+                                    reward_columns(records, rolls, 1))                  # (N, F), (N,)
+    metrics = reward_metrics(per_fn, total, reward_fns)
+    out = {"accuracy": metrics[f"rewards/{reward_fns[0].name}/mean"], "reward": metrics["reward"]}
+    out.update({f"rewards/{r.name}/mean": metrics[f"rewards/{r.name}/mean"] for r in reward_fns})
+    out.update(completion_metrics(torch.cat([r.lengths for r in rolls]).cpu(),
+                                  torch.cat([r.terminated for r in rolls]).cpu()))
+    return out
+
+
+def train_online(cfg: Config, resume: bool = False) -> dict:
+    """Train with online GRPO; returns a summary (steps, runtime, first vs last mean reward)."""
+    return OnlineTrainer(cfg, resume).train()
+
+
+def evaluate_online(cfg: Config, adapter: Optional[str] = None,
+                    data_path: Optional[str] = None) -> dict[str, dict[str, float]]:
+    """Greedy held-out evaluation: {model name: metrics of `greedy_eval`} for the model (with
+    `adapter` or cfg.lora_path if given) and, when an adapter is loaded, the base model with the
+    adapter switched off, so the gain shows in one table."""
+    data_path = data_path or cfg.eval_dataset_path
+    if data_path is None:
+        raise ConfigError("eval_dataset_path: not set (or pass --data FILE)")
+    model, tokenizer = load_model_and_tokenizer(cfg, adapter_path=adapter, trainable=False)
+    reward_fns = load_reward_functions([asdict(s) for s in cfg.online.rewards])
+    eos_ids = eos_token_ids(model, tokenizer)
+    records = load_prompt_dataset(tokenizer, path=data_path,
+                                  prompt_column=cfg.online.prompt_column)[:cfg.online.eval_max_samples]
+    results = {}
+    if cfg.lora.enabled and (adapter or cfg.lora_path):
+        with model.disable_adapter():
+            results["base (adapter off)"] = greedy_eval(cfg, model, tokenizer, reward_fns, eos_ids, records)
+    results[adapter or cfg.lora_path or cfg.model_path] = greedy_eval(cfg, model, tokenizer, reward_fns,
+                                                                      eos_ids, records)
+    return results

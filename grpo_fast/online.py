@@ -115,11 +115,10 @@ def reward_columns(records: list[dict], rolls: list[Rollout], num_generations: i
 
 @dataclass
 class TrainState:
-    """What a checkpoint needs besides weights, optimizer and scheduler."""
+    """What a checkpoint needs besides weights, optimizer, scheduler and RNG states."""
 
     step: int = 0
     prompts_consumed: int = 0
-    total_steps: int = 0
 
 
 class OnlineTrainer:
@@ -160,7 +159,9 @@ class OnlineTrainer:
         prompts_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         total_steps = (cfg.max_steps if cfg.max_steps > 0
                        else math.ceil(cfg.num_epochs * len(self.prompts) / prompts_per_step))
-        self.state = TrainState(total_steps=total_steps)
+        # From the config, also on resume: `--resume --set max_steps=...` extends a run.
+        self.total_steps = total_steps
+        self.state = TrainState()
         self.optimizer = build_optimizer(cfg, self.model)
         updates = total_steps * self.o.num_iterations
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
@@ -183,23 +184,11 @@ class OnlineTrainer:
         return rollout(self.cfg, self.model, self.tokenizer, self.eos_ids, prompts)
 
     def completion_logps(self, model, roll: Rollout) -> tuple[Tensor, Tensor]:
-        """Per-token log-probs and entropies (N, C) of the completion tokens, at the sampling
-        temperature (so they describe the distribution that was sampled), zero after EOS."""
-        logps, entropy = logprobs.token_logprobs(
-            model, roll.input_ids, roll.attention_mask, roll.loss_mask, temperature=self.o.temperature,
-            backend=self.cfg.logprob_backend, position_ids=roll.position_ids)      # (N, P+C-1) x2
-        # Column t scores input_ids[:, t+1]: the completion starts at column P-1.
-        start = roll.prompt_ids.size(1) - 1
-        return logps[:, start:], entropy[:, start:]                                   # (N, C) x2
+        return completion_logps(model, roll, temperature=self.o.temperature, backend=self.cfg.logprob_backend)
 
-    @torch.no_grad()
     def reference_logps(self, roll: Rollout) -> Tensor:
-        """(N, C) log-probs under the reference: the frozen copy (full fine-tuning) or the same
-        weights with the LoRA adapter switched off (no second copy in memory)."""
-        if self.ref_model is not None:
-            return self.completion_logps(self.ref_model, roll)[0]
-        with self.model.disable_adapter():
-            return self.completion_logps(self.model, roll)[0]
+        return reference_logps(self.model, self.ref_model, roll, temperature=self.o.temperature,
+                               backend=self.cfg.logprob_backend)
 
     def step(self, records: list[dict]) -> tuple[dict[str, float], dict]:
         """One GRPO step on `records` (batch_size x gradient_accumulation_steps prompt records).
@@ -231,13 +220,14 @@ class OnlineTrainer:
             old = [self.completion_logps(self.model, r)[0] for r in rolls] if mu > 1 else [None] * ga
         ref = [self.reference_logps(r) for r in rolls] if o.beta > 0 else [None] * ga
         # dapo weighs every completion token of the step equally, across micro-batches.
-        num_items = sum(int(r.completion_mask.sum()) for r in rolls)
+        num_items = int(sum(r.lengths.sum() for r in rolls))
 
-        # 5. mu optimisation passes over the same samples, one optimizer update each.
-        losses, grad_norms, loss_metrics = [], [], []
-        entropy_sum, entropy_tokens = 0.0, 0
+        # 5. mu optimisation passes over the same samples, one optimizer update each. Sums stay
+        #    on the device (one host sync at the end, not one per micro-batch).
+        loss_sum = torch.zeros((), device=self.device)
+        entropy_sum = torch.zeros((), device=self.device)
+        grad_norms, loss_metrics = [], []
         for _ in range(mu):
-            pass_loss = 0.0
             for roll, adv, old_lp, ref_lp in zip(rolls, advantages, old, ref):
                 logps, entropy = self.completion_logps(self.model, roll)                # (B*G, C) x2
                 loss, metrics = grpo_loss(
@@ -251,29 +241,29 @@ class OnlineTrainer:
                 if o.loss_type != "dapo":
                     loss = loss / ga
                 loss.backward()
-                pass_loss += loss.item()
+                loss_sum += loss.detach()
+                entropy_sum += (entropy * roll.completion_mask).sum()
                 loss_metrics.append(metrics)
-                entropy_sum += float((entropy * roll.completion_mask).sum())
-                entropy_tokens += int(roll.completion_mask.sum())
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(
-                self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)))
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(
+                self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
             learning_rate = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            losses.append(pass_loss)
+        loss_value, entropy_value, grad_norm = torch.stack(
+            [loss_sum / mu, entropy_sum / (mu * num_items), torch.stack(grad_norms).mean()]).tolist()
         time_train = time.perf_counter() - t_train
 
         lengths = torch.cat([r.lengths for r in rolls]).cpu()                           # (ga*B*G,)
         terminated = torch.cat([r.terminated for r in rolls]).cpu()                     # (ga*B*G,)
-        out = {"loss": sum(losses) / mu,
+        out = {"loss": loss_value,
                **reward_metrics(per_fn, rewards, self.reward_fns),
                **completion_metrics(lengths, terminated),
                **{k: _nanmean([m[k] for m in loss_metrics]) for k in loss_metrics[0]},
-               "entropy": entropy_sum / max(entropy_tokens, 1),
+               "entropy": entropy_value,
                "frac_reward_zero_std": zero_std_fraction(rewards, G),
                "learning_rate": learning_rate,
-               "grad_norm": sum(grad_norms) / mu,
+               "grad_norm": grad_norm,
                "time/rollout": time_rollout,
                "time/train": time_train}
         samples = {"prompts": prompts, "texts": texts, "rewards": rewards.tolist(),
@@ -293,9 +283,9 @@ class OnlineTrainer:
         prompts_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         pending: list[dict[str, float]] = []
         start = time.perf_counter()
-        bar = tqdm(total=state.total_steps, initial=state.step, desc="online GRPO", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=state.step, desc="online GRPO", dynamic_ncols=True)
         try:
-            while state.step < state.total_steps:
+            while state.step < self.total_steps:
                 records = [self.prompts[i] for i in self.stream.take(prompts_per_step)]
                 metrics, samples = self.step(records)
                 state.step += 1
@@ -303,7 +293,7 @@ class OnlineTrainer:
                 pending.append(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
-                if state.step == 1 or state.step % cfg.logging_steps == 0 or state.step == state.total_steps:
+                if state.step == 1 or state.step % cfg.logging_steps == 0 or state.step == self.total_steps:
                     self.log_row({k: _nanmean([m[k] for m in pending]) for k in pending[0]})
                     pending.clear()
                 if self.o.log_completions_steps > 0 and state.step % self.o.log_completions_steps == 0:
@@ -401,7 +391,31 @@ class OnlineTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         for name in (METRICS_FILE, COMPLETIONS_FILE):
             truncate_jsonl(self.out / name, self.state.step)
-        logger.info("resumed from %s at step %d of %d", ckpt, self.state.step, self.state.total_steps)
+        logger.info("resumed from %s at step %d of %d", ckpt, self.state.step, self.total_steps)
+
+
+def completion_logps(model, roll: Rollout, *, temperature: float = 1.0,
+                     backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Per-token log-probs and entropies (N, C) of the completion tokens, zero after EOS. Pass
+    the sampling temperature, so they describe the distribution that was sampled."""
+    logps, entropy = logprobs.token_logprobs(
+        model, roll.input_ids, roll.attention_mask, roll.loss_mask, temperature=temperature,
+        backend=backend, position_ids=roll.position_ids)                             # (N, P+C-1) x2
+    # Column t scores input_ids[:, t+1]: the completion starts at column P-1.
+    start = roll.prompt_ids.size(1) - 1
+    return logps[:, start:], entropy[:, start:]                                       # (N, C) x2
+
+
+@torch.no_grad()
+def reference_logps(model, ref_model, roll: Rollout, *, temperature: float = 1.0,
+                    backend: str = "auto") -> Tensor:
+    """(N, C) log-probs under the reference policy: `ref_model` (the frozen copy of full
+    fine-tuning) when given, else `model` (a PeftModel) with its LoRA adapter switched off, which
+    needs no second copy of the weights."""
+    if ref_model is not None:
+        return completion_logps(ref_model, roll, temperature=temperature, backend=backend)[0]
+    with model.disable_adapter():
+        return completion_logps(model, roll, temperature=temperature, backend=backend)[0]
 
 
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:

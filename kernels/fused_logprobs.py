@@ -27,27 +27,28 @@ import triton.language as tl
 
 __all__ = ["fused_logprobs"]
 
-# Tile sizes (H100 / A100 class GPUs, bf16). A (BLOCK_N x BLOCK_V) fp32 logit tile is
-# 128 x 128 x 4 B = 64 KB of registers, i.e. 64 per thread with 8 warps, leaving room for the
-# online-softmax state; each BLOCK_H=64 step stages (128 + 128) x 64 x 2 B = 32 KB of bf16
-# operands in shared memory, so 3 pipeline stages (96 KB) fit the 228 KB of an H100 SM with
-# two programs resident. These follow the flash-attention / CCE regime; they are not
-# autotuned (autotuning at import would re-benchmark on every new shape).
-FWD_BLOCK_N = 128
-# The backward tile additionally keeps the (BLOCK_N x BLOCK_V) logit gradient and two
-# (x BLOCK_H) fp32 products live, so it halves BLOCK_N to stay out of register spills.
-BWD_BLOCK_N = 64
+# Tile sizes for H100-class GPUs, bf16/fp16. Picked with ptxas (sm_90a, Triton 3.9), not by
+# timing (there is no GPU in this repo's CI): the largest tiles for which both kernels, every
+# feature flag on, compile without register spills at 8 warps. A 64 x 128 fp32 logit tile is
+# 32 registers per thread, leaving room for the softmax epilogue's tile-sized temporaries and,
+# in the backward, the bf16 logit-gradient operand and two (x BLOCK_H) fp32 products.
+# 128-token tiles, or BLOCK_H=64, spilled 120-1300 bytes per thread.
+BLOCK_N = 64
 BLOCK_V = 128
-BLOCK_H = 64
+# 32 x 2 B = 64 B per tile row per step: half a 128 B line, the other half is an L1/L2 hit at
+# the next step.
+BLOCK_H = 32
 NUM_WARPS = 8
-# Pipeline depth for 2-byte operands; fp32 operands are twice the bytes per stage, so 2.
+# Pipeline depth: a stage holds (64 + 128) x 32 operands, 12 KB in bf16, 24 KB in fp32.
 NUM_STAGES_HALF = 3
 NUM_STAGES_FP32 = 2
 # tl.dot needs every dimension >= 16; tiny problems clamp their tiles down to this.
 MIN_BLOCK = 16
 # Forward grid: the vocabulary is split into contiguous ranges until there are about this
-# many programs per SM, so small N (e.g. 4096 tokens = 32 token blocks) still fills an H100's
-# 132 SMs. Each split writes its own partial log-sum-exp; they are merged in PyTorch.
+# many programs per SM, so small N (e.g. 4096 tokens = 64 token blocks) still fills an H100's
+# 132 SMs. At ~255 registers x 256 threads one program is resident per SM, so 2 means two
+# waves, which evens out programs that skip masked blocks. Each split writes its own
+# partial log-sum-exp; they are merged in PyTorch.
 PROGRAMS_PER_SM = 2
 # Backward grid ordering: GROUP_N consecutive token blocks walk the vocabulary together, so
 # programs resident at the same time share the same hidden rows and weight tiles in L2
@@ -60,34 +61,43 @@ GROUP_N = 8
 HALF_FILTER_EPS = 2.0**-12
 # Stand-in for -inf as the initial running max: exp(-1e30 - m) is exactly 0 like exp(-inf),
 # but (-1e30 - m) * 0 stays 0 where (-inf) * 0 would be NaN in the entropy update.
-NEG_BIG = -1e30
+# (tl.constexpr: compiled kernels may only read constexpr globals.)
+NEG_BIG = tl.constexpr(-1e30)
 # Rough SM count used under the interpreter (no GPU to ask): small, so the tests' shapes
 # still get several vocabulary splits and exercise the partial merge.
 INTERPRETER_SMS = 4
 
 
+# Addressing: program ids are cast to int64 and only the scalar tile base pointers
+# (x + row0 * stride, w + col0 * stride) are formed in 64 bits, where N x H or V x H can pass
+# 2^31. Offsets inside a tile (< 128 x H) stay int32: a 2-D int64 offset tile costs 2
+# registers per element, and with them the bf16 forward tile spilled (ptxas, sm_90).
+
+
 @triton.jit
 def _logit_tile(
-    x_ptr, w_ptr, bias_ptr, offs_n, n_mask, offs_v, v_mask, width, stride_xn, stride_wv,
-    inv_temperature,
+    x_tile, w_tile, bias_tile, n_mask, v_mask, width, stride_xn, stride_wv, inv_temperature,
     HAS_BIAS: tl.constexpr, UPCAST_FOR_INTERPRETER: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """(BLOCK_N x BLOCK_V) fp32 tile of (x @ w.T + b) / T, -inf in the vocabulary tail."""
+    """(BLOCK_N x BLOCK_V) fp32 tile of (x @ w.T + b) / T, -inf in the vocabulary tail.
+    x_tile / w_tile / bias_tile point at the tile's first token row / vocab row / bias."""
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_V)
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h0 in range(0, width, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < width
-        x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_h[None, :],
+        ks = h0 + tl.arange(0, BLOCK_H)
+        h_mask = ks < width
+        x = tl.load(x_tile + rows[:, None] * stride_xn + ks[None, :],
                     mask=n_mask[:, None] & h_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :],
+        w = tl.load(w_tile + cols[:, None] * stride_wv + ks[None, :],
                     mask=v_mask[:, None] & h_mask[None, :], other=0.0)
         if UPCAST_FOR_INTERPRETER:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_tile + cols, mask=v_mask, other=0.0).to(tl.float32)[None, :]
     return tl.where(v_mask[None, :], acc * inv_temperature, float("-inf"))
 
 
@@ -107,8 +117,10 @@ def _logprobs_fwd_kernel(
     """
     pid_n = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_n * BLOCK_N
+    offs_n = row0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_tokens
+    x_tile = x_ptr + row0 * stride_xn
     tgt = tl.load(tgt_ptr + offs_n, mask=n_mask, other=-1)
     v_begin = pid_s * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, vocab)
@@ -122,12 +134,14 @@ def _logprobs_fwd_kernel(
     run_ent = tl.zeros((BLOCK_N,), dtype=tl.float32)
     tgt_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        v_mask = offs_v < vocab
-        z = _logit_tile(x_ptr, w_ptr, bias_ptr, offs_n, n_mask, offs_v, v_mask, width,
+        v_mask = v0 + tl.arange(0, BLOCK_V) < vocab
+        z = _logit_tile(x_tile, w_ptr + v0 * stride_wv, bias_ptr + v0, n_mask, v_mask, width,
                         stride_xn, stride_wv, inv_temperature, HAS_BIAS,
                         UPCAST_FOR_INTERPRETER, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        tgt_logit += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+        # The target's column inside this tile, int32 (never matches outside the tile).
+        tgt_col = (tgt - v0).to(tl.int32)
+        is_tgt = tl.arange(0, BLOCK_V)[None, :] == tgt_col[:, None]
+        tgt_logit += tl.sum(tl.where(is_tgt, z, 0.0), axis=1)
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         rescale = tl.exp(run_max - new_max)
         p = tl.exp(z - new_max[:, None])
@@ -154,38 +168,42 @@ def _logprobs_fwd_kernel(
 
 @triton.jit
 def _accumulate_grads(
-    x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, dlogit, offs_n, n_mask, offs_v, v_mask, width,
+    x_tile, w_tile, dx_tile, dw_tile, db_tile, dlogit, n_mask, v_mask, width,
     stride_xn, stride_wv,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    UPCAST_FOR_INTERPRETER: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST_FOR_INTERPRETER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """dx[n] += dlogit @ w[v], dw[v] += dlogit.T @ x[n], db[v] += colsum(dlogit) (fp32)."""
+    """dx[n] += dlogit @ w[v], dw[v] += dlogit.T @ x[n], db[v] += colsum(dlogit), in fp32;
+    dx_tile / dw_tile / db_tile point at the tile's first row of the (contiguous) buffers."""
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_V)
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dlogit, axis=0), mask=v_mask, sem="relaxed")
+        tl.atomic_add(db_tile + cols, tl.sum(dlogit, axis=0), mask=v_mask, sem="relaxed")
     if UPCAST_FOR_INTERPRETER:
         dlogit_mm = dlogit
     else:
         # Tensor-core operands in the input dtype (bf16 products are exact in fp32 and the
         # accumulation stays fp32), as a bf16 matmul of the materialized gradient would do.
-        dlogit_mm = dlogit.to(w_ptr.dtype.element_ty)
+        dlogit_mm = dlogit.to(w_tile.dtype.element_ty)
     for h0 in range(0, width, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < width
+        ks = h0 + tl.arange(0, BLOCK_H)
+        h_mask = ks < width
         if COMPUTE_DX:
-            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :],
+            w = tl.load(w_tile + cols[:, None] * stride_wv + ks[None, :],
                         mask=v_mask[:, None] & h_mask[None, :], other=0.0)
             if UPCAST_FOR_INTERPRETER:
                 w = w.to(tl.float32)
             dx = tl.dot(dlogit_mm, w, input_precision=DOT_PRECISION)
-            tl.atomic_add(dx_ptr + offs_n[:, None] * width + offs_h[None, :], dx,
+            tl.atomic_add(dx_tile + rows[:, None] * width + ks[None, :], dx,
                           mask=n_mask[:, None] & h_mask[None, :], sem="relaxed")
         if COMPUTE_DW:
-            x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_h[None, :],
+            x = tl.load(x_tile + rows[:, None] * stride_xn + ks[None, :],
                         mask=n_mask[:, None] & h_mask[None, :], other=0.0)
             if UPCAST_FOR_INTERPRETER:
                 x = x.to(tl.float32)
             dw = tl.dot(tl.trans(dlogit_mm), x, input_precision=DOT_PRECISION)
-            tl.atomic_add(dw_ptr + offs_v[:, None] * width + offs_h[None, :], dw,
+            tl.atomic_add(dw_tile + cols[:, None] * width + ks[None, :], dw,
                           mask=v_mask[:, None] & h_mask[None, :], sem="relaxed")
 
 
@@ -212,33 +230,39 @@ def _logprobs_bwd_kernel(
     pid_n = first_n + (pid % per_group) % group_rows
     pid_v = (pid % per_group) // group_rows
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_n * BLOCK_N
+    offs_n = row0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_tokens
     g = tl.load(g_ptr + offs_n, mask=n_mask, other=0.0)
     # Token blocks with no upstream gradient (masked rows) skip everything.
     if tl.max(tl.abs(g), axis=0) > 0:
-        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        v_mask = offs_v < vocab
+        col0 = pid_v * BLOCK_V
+        v_mask = col0 + tl.arange(0, BLOCK_V) < vocab
         tgt = tl.load(tgt_ptr + offs_n, mask=n_mask, other=-1)
         # +inf for the token tail makes p exactly 0 there, whatever the bias.
         lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=float("inf"))
-        z = _logit_tile(x_ptr, w_ptr, bias_ptr, offs_n, n_mask, offs_v, v_mask, width,
-                        stride_xn, stride_wv, inv_temperature, HAS_BIAS,
-                        UPCAST_FOR_INTERPRETER, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        x_tile = x_ptr + row0 * stride_xn
+        w_tile = w_ptr + col0 * stride_wv
+        z = _logit_tile(x_tile, w_tile, bias_ptr + col0, n_mask, v_mask, width, stride_xn,
+                        stride_wv, inv_temperature, HAS_BIAS, UPCAST_FOR_INTERPRETER,
+                        DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         p = tl.exp(z - lse[:, None])
-        is_tgt = offs_v[None, :] == tgt[:, None]
+        tgt_col = (tgt - col0).to(tl.int32)
+        is_tgt = tl.arange(0, BLOCK_V)[None, :] == tgt_col[:, None]
         dlogit = g[:, None] * (is_tgt.to(tl.float32) - p)
+        dx_tile = dx_ptr + row0 * width
+        dw_tile = dw_ptr + col0 * width
+        db_tile = db_ptr + col0
         if FILTER:
             if tl.max(tl.max(tl.where(is_tgt, 1.0, p), axis=1), axis=0) >= filter_eps:
-                _accumulate_grads(x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, dlogit, offs_n, n_mask,
-                                  offs_v, v_mask, width, stride_xn, stride_wv, COMPUTE_DX,
-                                  COMPUTE_DW, COMPUTE_DB, UPCAST_FOR_INTERPRETER, DOT_PRECISION,
-                                  BLOCK_H)
+                _accumulate_grads(x_tile, w_tile, dx_tile, dw_tile, db_tile, dlogit, n_mask,
+                                  v_mask, width, stride_xn, stride_wv, COMPUTE_DX, COMPUTE_DW,
+                                  COMPUTE_DB, UPCAST_FOR_INTERPRETER, DOT_PRECISION, BLOCK_N,
+                                  BLOCK_V, BLOCK_H)
         else:
-            _accumulate_grads(x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, dlogit, offs_n, n_mask,
-                              offs_v, v_mask, width, stride_xn, stride_wv, COMPUTE_DX,
-                              COMPUTE_DW, COMPUTE_DB, UPCAST_FOR_INTERPRETER, DOT_PRECISION,
-                              BLOCK_H)
+            _accumulate_grads(x_tile, w_tile, dx_tile, dw_tile, db_tile, dlogit, n_mask, v_mask,
+                              width, stride_xn, stride_wv, COMPUTE_DX, COMPUTE_DW, COMPUTE_DB,
+                              UPCAST_FOR_INTERPRETER, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
 
 
 def _interpreting() -> bool:
@@ -259,14 +283,13 @@ def _block(size: int, cap: int) -> int:
 
 def _kernel_flags(dtype: torch.dtype) -> dict:
     """Compile-time flags shared by both kernels."""
-    interpret = _interpreting()
-    # fp32 follows torch's matmul setting (TF32 off by default) so fp32 results match a
-    # torch fp32 reference; for bf16/fp16 operands the precision argument is ignored.
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    # fp32 operands follow torch's matmul setting (TF32 off by default) so fp32 results match
+    # a torch fp32 matmul; bf16/fp16 operands ignore the precision and keep Triton's default.
+    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     return {
         # The interpreter's tl.dot mishandles bf16 operands: compute those dots in fp32.
-        "UPCAST_FOR_INTERPRETER": interpret,
-        "DOT_PRECISION": "tf32" if tf32 else "ieee",
+        "UPCAST_FOR_INTERPRETER": _interpreting(),
+        "DOT_PRECISION": "ieee" if ieee else "tf32",
     }
 
 
@@ -283,7 +306,7 @@ def _forward(hidden, weight, bias, targets, token_weight, inv_temperature, retur
     """
     n_tokens, width = hidden.shape
     vocab = weight.shape[0]
-    block_n = _block(n_tokens, FWD_BLOCK_N)
+    block_n = _block(n_tokens, BLOCK_N)
     block_v = _block(vocab, BLOCK_V)
     block_h = _block(width, BLOCK_H)
     n_blocks = triton.cdiv(n_tokens, block_n)
@@ -339,7 +362,7 @@ def _backward(hidden, weight, bias, targets, lse, g, inv_temperature, filter_eps
     dx = torch.zeros((n_tokens, width), dtype=torch.float32, device=device) if need_dx else None
     dw = torch.zeros((vocab, width), dtype=torch.float32, device=device) if need_dw else None
     db = torch.zeros((vocab,), dtype=torch.float32, device=device) if need_db else None
-    block_n = _block(n_tokens, BWD_BLOCK_N)
+    block_n = _block(n_tokens, BLOCK_N)
     block_v = _block(vocab, BLOCK_V)
     grid = (triton.cdiv(n_tokens, block_n) * triton.cdiv(vocab, block_v),)
     _logprobs_bwd_kernel[grid](

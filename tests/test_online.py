@@ -1,0 +1,336 @@
+"""Online GRPO end to end on a tiny random-weight Llama: rollouts, reference, mu > 1, gradient
+accumulation, the training loop's metrics, checkpoints and --resume, reward errors, eval, plot.
+
+    pytest tests/test_online.py
+"""
+
+import json
+import math
+from dataclasses import fields
+
+import pytest
+import torch
+
+from grpo_fast import online, rewards
+from grpo_fast.config import ConfigError, config_from_dict
+from grpo_fast.data import DataError
+from grpo_fast.modeling import BASE_MODEL_DIR, load_base_model, load_model_and_tokenizer
+from grpo_fast.online import OnlineTrainer, PromptStream, evaluate_online, train_online
+from grpo_fast.plot import plot_run
+from grpo_fast.rollout import Rollout, completion_mask_after_eos, generate_completions
+from grpo_fast.tasks import char_match
+
+TRAIN_FIELDS = [
+    "loss", "reward", "reward_std", "rewards/char_match/mean", "rewards/char_match/std",
+    "rewards/exact_match/mean", "rewards/exact_match/std", "completions/mean_length",
+    "completions/min_length", "completions/max_length", "completions/clipped_ratio",
+    "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl", "entropy",
+    "frac_reward_zero_std", "learning_rate", "grad_norm", "time/rollout", "time/train", "step",
+    "epoch", "time",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A 64-wide model gains nothing from intra-op threads, and on a shared 2-core machine their
+    spin-waiting slows it down many times over; restored for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{w}=", "answer": w}) + "\n"
+                            for w in ("ab", "cd", "efg", "h")))
+    return str(path)
+
+
+def make_cfg(prompts_file, output_dir, **overrides):
+    online_overrides = overrides.pop("online", {})
+    data = {
+        "mode": "online", "dataset_path": prompts_file, "eval_dataset_path": prompts_file,
+        "output_dir": str(output_dir), "batch_size": 2, "max_steps": 2, "learning_rate": 1e-2,
+        "logging_steps": 1, "save_steps": 1, "save_total_limit": 1, "seed": 0,
+        "lora": {"r": 4, "alpha": 8},
+        "online": {"num_generations": 4, "max_prompt_length": 8, "max_completion_length": 4,
+                   "beta": 0.1, "log_completions_steps": 1, "eval_steps": 0,
+                   "rewards": [{"name": "grpo_fast.tasks:char_match"},
+                               {"name": "exact_match", "weight": 0.0}],
+                   **online_overrides},
+        **overrides,
+    }
+    return config_from_dict(data)
+
+
+@pytest.fixture
+def rank_reward(monkeypatch):
+    """A reward that always differs within a group, so every advantage is non-zero."""
+    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "rank",
+                        lambda prompts, completions, **kw: [float(i % 4) for i in range(len(completions))])
+    return [{"name": "rank"}]
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained_run(prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = make_cfg(prompts_file, out, report_to="tensorboard", online={"eval_steps": 1})
+    summary = train_online(cfg)
+    return cfg, out, summary
+
+
+@pytest.fixture(scope="module")
+def tiny(prompts_file, tmp_path_factory):
+    cfg = make_cfg(prompts_file, tmp_path_factory.mktemp("tiny"))
+    return (cfg, *load_model_and_tokenizer(cfg))
+
+
+# ------------------------------------------------------------------------------------------
+# Rollouts
+# ------------------------------------------------------------------------------------------
+
+
+def test_rollout_shapes_left_padding_and_mode(tiny):
+    cfg, model, tok = tiny
+    model.train()
+    roll = generate_completions(model, tok, ["a=", "abcdef="], num_generations=3,
+                                max_prompt_length=5, max_completion_length=4)
+    N, P = roll.prompt_ids.shape
+    assert (N, P) == (6, 5) and roll.completion_ids.shape[0] == 6
+    assert roll.completion_ids.shape[1] == int(roll.lengths.max()) <= 4
+    # Left padding; the long prompt keeps its *last* 5 tokens; each prompt's G rows adjacent.
+    assert roll.prompt_mask[0].tolist() == [0, 0, 0, 1, 1]
+    assert roll.prompt_ids[0, -2:].tolist() == tok("a=")["input_ids"]
+    assert roll.prompt_ids[3].tolist() == tok("abcdef=")["input_ids"][-5:]
+    assert all(torch.equal(roll.prompt_ids[i], roll.prompt_ids[i // 3 * 3]) for i in range(6))
+    assert torch.equal(roll.lengths, roll.completion_mask.sum(1)) and len(roll.texts) == 6
+    # Positions count from each row's first real token, as generate numbers them.
+    assert roll.position_ids[0, 3:5].tolist() == [0, 1]
+    assert model.training, "generation must restore training mode"
+    greedy = [generate_completions(model, tok, ["ab="], max_prompt_length=8, max_completion_length=4,
+                                   greedy=True).completion_ids for _ in range(2)]
+    assert torch.equal(*greedy)
+
+
+def test_completion_mask_stops_after_first_eos(tiny, monkeypatch):
+    cfg, model, tok = tiny
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    ids = torch.tensor([[97, eos, 98, eos], [97, 98, 99, 100], [eos, 97, 98, 99]])
+    mask, terminated = completion_mask_after_eos(ids, [eos])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert terminated.tolist() == [True, False, True]
+
+    # Through generate_completions: EOS mid-completion, tokens after it masked and padded, and
+    # the batch trimmed to its longest completion.
+    prompt = tok("x=")["input_ids"]
+    rows = [[97, eos, 98, 99, 100, 101], [97, 98, eos, 99, 100, 101]]
+    monkeypatch.setattr(model, "generate",
+                        lambda **kw: torch.tensor([prompt + r for r in rows]), raising=False)
+    roll = generate_completions(model, tok, ["x="], num_generations=2, max_prompt_length=8,
+                                max_completion_length=6)
+    assert roll.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert roll.completion_ids.tolist() == [[97, eos, pad], [97, 98, eos]]
+    assert roll.texts == ["a", "ab"] and roll.terminated.tolist() == [True, True]
+    assert roll.lengths.tolist() == [2, 3]
+
+
+# ------------------------------------------------------------------------------------------
+# Reference model
+# ------------------------------------------------------------------------------------------
+
+
+def test_adapter_disabled_reference_equals_base_model(prompts_file, tmp_path):
+    cfg = make_cfg(prompts_file, tmp_path)
+    model, tok = load_model_and_tokenizer(cfg, output_dir=str(tmp_path))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)      # a trained-looking adapter: policy != base
+    roll = generate_completions(model, tok, ["ab=", "cdef="], num_generations=2,
+                                max_prompt_length=8, max_completion_length=4)
+    ref = online.reference_logps(model, None, roll)
+    base, _ = load_base_model(cfg, base_dir=str(tmp_path / BASE_MODEL_DIR))
+    with torch.no_grad():
+        expected, _ = online.completion_logps(base, roll)
+        policy, _ = online.completion_logps(model, roll)
+    mask = roll.completion_mask.bool()
+    torch.testing.assert_close(ref[mask], expected[mask], atol=1e-5, rtol=1e-5)
+    assert (policy - ref)[mask].abs().max() > 1e-3
+    assert (ref[~mask] == 0).all()
+
+
+def test_full_finetuning_reference_is_frozen_start(prompts_file, tmp_path):
+    cfg = make_cfg(prompts_file, tmp_path, lora={"enabled": False})
+    trainer = OnlineTrainer(cfg)
+    assert trainer.ref_model is not None and not trainer.ref_model.training
+    for p, q in zip(trainer.model.parameters(), trainer.ref_model.parameters(), strict=True):
+        assert torch.equal(p, q) and not q.requires_grad
+    no_ref = OnlineTrainer(make_cfg(prompts_file, tmp_path / "b", online={"beta": 0.0}))
+    assert no_ref.ref_model is None
+
+
+# ------------------------------------------------------------------------------------------
+# The step: mu > 1, gradient accumulation
+# ------------------------------------------------------------------------------------------
+
+
+def test_num_iterations_uses_stored_old_logps(prompts_file, tmp_path, monkeypatch, rank_reward):
+    calls = []
+
+    def spy(logps, old_logps, ref_logps, advantages, mask, **kw):
+        calls.append((logps.detach().clone(), old_logps, mask.bool()))
+        return real(logps, old_logps, ref_logps, advantages, mask, **kw)
+
+    real = online.grpo_loss
+    monkeypatch.setattr(online, "grpo_loss", spy)
+    cfg = make_cfg(prompts_file, tmp_path, online={"num_iterations": 2, "rewards": rank_reward})
+    trainer = OnlineTrainer(cfg)
+    metrics, _ = trainer.step([trainer.prompts[0], trainer.prompts[1]])
+    (lp1, old1, mask), (lp2, old2, _) = calls
+    assert old1 is not None and old2 is old1, "both passes must use the stored old log-probs"
+    torch.testing.assert_close(lp1[mask], old1[mask], atol=1e-5, rtol=0)     # pass 1: ratio 1
+    assert (lp2 - old2)[mask].abs().max() > 1e-4                             # pass 2: ratio != 1
+    assert trainer.scheduler.last_epoch == 2, "one optimizer update per pass"
+
+    calls.clear()
+    OnlineTrainer(make_cfg(prompts_file, tmp_path / "mu1")).step([trainer.prompts[0]] * 2)
+    assert [c[1] for c in calls] == [None], "mu = 1 runs no old-log-prob pass"
+
+
+def _rows(roll: Rollout, sl: slice) -> Rollout:
+    return Rollout(**{f.name: getattr(roll, f.name)[sl] for f in fields(Rollout)})
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_gradient_accumulation_matches_one_big_batch(prompts_file, tmp_path, monkeypatch, loss_type,
+                                                    rank_reward):
+    """ga=2 x B=1 gives the gradient of ga=1 x B=2 on the same samples (bnpo is per micro-batch)."""
+    grads = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def capture(params, max_norm):
+        params = list(params)
+        grads.append([p.grad.clone() for p in params])
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    big = OnlineTrainer(make_cfg(prompts_file, tmp_path / "a",
+                                 online={"loss_type": loss_type, "rewards": rank_reward}))
+    records = big.prompts[:2]
+    roll = big.generate([r["prompt"] for r in records])                 # (2*G, C)
+    big.generate = lambda prompts: roll
+    big.step(records)
+
+    small = OnlineTrainer(make_cfg(prompts_file, tmp_path / "b", batch_size=1, gradient_accumulation_steps=2,
+                                   online={"loss_type": loss_type, "rewards": rank_reward}))
+    halves = iter([_rows(roll, slice(0, 4)), _rows(roll, slice(4, 8))])
+    small.generate = lambda prompts: next(halves)
+    small.step(records)
+    assert any(g.abs().max() > 0 for g in grads[0])
+    for g_big, g_small in zip(*grads, strict=True):
+        torch.testing.assert_close(g_small, g_big, atol=1e-7, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# The loop: metrics, checkpoints, resume, errors, eval, plot
+# ------------------------------------------------------------------------------------------
+
+
+def test_two_step_run_writes_every_metric(trained_run):
+    cfg, out, summary = trained_run
+    rows = read_rows(out / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in train_rows] == [1, 2] and [r["step"] for r in eval_rows] == [1, 2]
+    for row in train_rows:
+        missing = [k for k in TRAIN_FIELDS if k not in row]
+        assert not missing, f"missing metrics {missing}"
+        assert row["completions/max_length"] <= 4 and row["kl"] >= 0
+    assert {"eval/accuracy", "eval/reward"} <= set(eval_rows[0])
+    completions = read_rows(out / "completions.jsonl")
+    assert len(completions) == 2 * 2 * 4 and set(completions[0]["rewards"]) == {"char_match", "exact_match"}
+    assert list((out / "runs").glob("events.out.tfevents.*")), "TensorBoard events"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"], "save_total_limit=1"
+    assert (out / "adapter_config.json").is_file() and (out / "grpo_config.yaml").is_file()
+    assert summary["global_step"] == 2 and math.isfinite(summary["reward_last"])
+
+
+def test_resume_continues_exactly_from_the_checkpoint(prompts_file, tmp_path):
+    straight = tmp_path / "straight"
+    train_online(make_cfg(prompts_file, straight, max_steps=3))
+    resumed = tmp_path / "resumed"
+    train_online(make_cfg(prompts_file, resumed, max_steps=2))
+    with pytest.raises(ConfigError, match="--resume"):
+        train_online(make_cfg(prompts_file, resumed, max_steps=3))
+    summary = train_online(make_cfg(prompts_file, resumed, max_steps=3), resume=True)
+    assert summary["global_step"] == 3
+    rows_a, rows_b = read_rows(straight / "metrics.jsonl"), read_rows(resumed / "metrics.jsonl")
+    assert [r["step"] for r in rows_b] == [1, 2, 3]
+    for key in ("reward", "loss", "grad_norm", "epoch"):
+        assert rows_b[2][key] == pytest.approx(rows_a[2][key], rel=1e-5), key
+
+
+def test_raising_reward_stops_training_by_name(prompts_file, tmp_path, monkeypatch):
+    calls = []
+
+    def flaky(prompts, completions, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise ZeroDivisionError("bad sample")
+        return [0.0] * len(completions)
+
+    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "flaky", flaky)
+    cfg = make_cfg(prompts_file, tmp_path, online={"rewards": [{"name": "flaky"}]})
+    with pytest.raises(RuntimeError, match="reward function 'flaky' failed.*bad sample"):
+        train_online(cfg)
+    assert (tmp_path / "checkpoint-1" / "adapter_config.json").is_file(), "step 1's checkpoint kept"
+
+
+def test_evaluate_online_reports_base_and_adapter(trained_run):
+    cfg, out, _ = trained_run
+    results = evaluate_online(cfg, adapter=str(out))
+    assert list(results) == ["base (adapter off)", str(out)]
+    for metrics in results.values():
+        assert {"accuracy", "reward", "rewards/char_match/mean", "completions/mean_length"} <= set(metrics)
+        assert 0.0 <= metrics["rewards/char_match/mean"] <= 1.0
+
+
+def test_plot_run(trained_run, tmp_path):
+    _, out, _ = trained_run
+    png = plot_run(str(out), output=str(tmp_path / "m.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        plot_run(str(tmp_path))
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        plot_run(str(tmp_path))
+    with pytest.raises(DataError, match="no values for nope"):
+        plot_run(str(out), metrics=["nope"])
+
+
+# ------------------------------------------------------------------------------------------
+# Small parts
+# ------------------------------------------------------------------------------------------
+
+
+def test_prompt_stream_epochs_and_position():
+    stream = PromptStream(5, seed=3)
+    first = stream.take(3) + stream.take(3)
+    assert sorted(first[:5]) == list(range(5)) and stream.epoch == pytest.approx(6 / 5)
+    again = PromptStream(5, seed=3, position=3)
+    assert again.take(3) == first[3:]
+
+
+def test_char_match():
+    assert char_match([""] * 4, ["cab", "cab!", "dab", ""], answer=["cab"] * 4, width=16) == pytest.approx(
+        [1.0, 0.75, (0.5 * 15 / 16 + 2) / 3, 0.0])
+    # Invisible special tokens (pad) still take positions; a final EOS does not.
+    ids = [[99, 97, 98, 256, 256], [99, 97, 98, 258]]
+    assert char_match([""] * 2, ["cab", "cab"], answer=["cab"] * 2, completion_ids=ids,
+                      terminated=[False, True]) == pytest.approx([0.6, 1.0])

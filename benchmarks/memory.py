@@ -9,7 +9,11 @@ mmap threshold in the heap, so RSS would not follow tensor lifetimes; the child 
 MALLOC_MMAP_THRESHOLD_=65536, which makes every allocation >= 64 KiB its own mmap, unmapped
 on free. The child runs a small warm-up call (loads libraries, starts thread pools), builds
 the real inputs, and reports the growth of its peak RSS (`ru_maxrss`, read before and after)
-across the measured call.
+across the measured call. One catch: Linux hands the spawning process's peak RSS to a child's
+`ru_maxrss` at exec (subprocess spawns via vfork, sharing pytest's address space until then),
+so after a 1.5 GB naive case every smaller peak would read as 0. The child therefore forks
+once, before importing torch, and measures in that fork, whose `ru_maxrss` starts at the few
+MiB of a bare interpreter.
 
 A call is described by a factory, "module:function" importable from this directory, that
 takes keyword arguments, allocates its inputs and returns a zero-argument callable:
@@ -30,9 +34,8 @@ import os
 import resource
 import subprocess
 import sys
+import traceback
 from pathlib import Path
-
-import torch
 
 HERE = Path(__file__).resolve().parent
 # One mmap per allocation from 64 KiB up (see the module docstring).
@@ -46,6 +49,8 @@ def _load(factory: str):
 
 def cuda_peak_bytes(step) -> int:
     """Bytes `step()` adds to CUDA allocated memory at its peak."""
+    import torch
+
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -93,4 +98,16 @@ if __name__ == "__main__":
     parser.add_argument("kwargs", type=json.loads)
     parser.add_argument("warmup_kwargs", type=json.loads)
     args = parser.parse_args()
-    _child(args.factory, args.kwargs, args.warmup_kwargs)
+    pid = os.fork()  # see the module docstring: a fresh ru_maxrss baseline
+    if pid == 0:
+        code = 0
+        try:
+            _child(args.factory, args.kwargs, args.warmup_kwargs)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))

@@ -61,10 +61,12 @@ in the next):
                                              (+ 2 x s x h when the norm weights train)
         linear in    per input group (q/k/v share the normed input, o the attention output,
                      gate/up the second normed input, down the SwiGLU product): peft casts the
-                     input to the adapter dtype once per adapter, so a group costs one shared
-                     s-byte copy when s = l and one l-byte copy per adapted module otherwise;
-                     plus r x l per adapter (the LoRA-A output). Base linears are frozen: their
-                     inputs are not saved (full fine-tuning: one s-byte input per group).
+                     input to the adapter dtype once per adapter, so a group costs its input
+                     (s bytes, saved once) when s = l and one l-byte copy per adapted module
+                     otherwise; plus r x l per adapter (the LoRA-A output). o's input is a view
+                     of the attention output, already saved by the kernel: it costs only the
+                     copies. Base linears are frozen, so their inputs are not saved (full
+                     fine-tuning: each group's input once).
         attention    c x (2q + 2kv') + 4a    q, k, v, output (+ fp32 log-sum-exp); c = 2 for
                      FlashAttention-2 (it runs in half precision), else s; kv' = kv for FA2,
                      q for SDPA, which repeats k/v across the head groups when a padding mask
@@ -72,7 +74,7 @@ in the next):
         MLP          3 x s x i               SiLU input, SiLU output, up projection
         + per sequence, per layer: SDPA's float padding mask T^2 x s; eager attention also the
           softmax probabilities a x T^2 x (4 + s).
-      For Qwen2.5-1.5B under QLoRA (s = 4, SDPA) that is ~199 KB per token per layer.
+      For Qwen2.5-1.5B under QLoRA (s = 4, SDPA, T = 768) that is 196 KB per token per layer.
       Without checkpointing: L x that. With gradient checkpointing (non-reentrant, per decoder
       layer): each layer keeps only its input, L x n x s x h, and one layer is recomputed during
       backward: + one layer's saved tensors. Both add the final norm's fp32 input, n x 4h.
@@ -81,11 +83,12 @@ in the next):
       saved tensors they replace are freed (autograd frees each node's saved tensors as soon as
       its backward has run, so the backward adds little to the end-of-forward peak).
       Gradients: LoRA params x l bytes (full fine-tuning: every weight, w bytes).
-  * Log-prob step: the fused kernel (grpo_fast.kernels) keeps per token O(1): the hidden state
-    it reads, n_c x w x h (cast to the LM head's dtype), its gradient (same size) and 16 bytes
-    (log-sum-exp, target, log-prob); the chunked CPU backend adds three (chunk x V) fp32
-    slabs of at most 64 MiB. Full logits (backend naive, or a model's own forward) would need
-    n_c x V x 4 bytes x 3 (logits, log_softmax and its gradient): shown for comparison.
+  * Log-prob step: the fused kernel (grpo_fast.kernels) needs nothing vocabulary-sized: per
+    scored token the hidden state it reads (n_c x w x h, cast to the LM head's dtype), its
+    gradient (same size) and 16 bytes (log-sum-exp, target, log-prob); the chunked CPU backend
+    adds three (chunk x V) fp32 slabs of at most 64 MiB. Full logits (backend naive, or a
+    model's own forward) would need n_c x V x 4 bytes x 3 (logits, log_softmax and its
+    gradient): shown for comparison.
 
 Not modelled (small): RoPE cos/sin tables, per-module quantization codebooks (~1 KB), the
 optimizer step's temporaries (it runs after the activations are freed), rollout token ids and
@@ -408,6 +411,8 @@ def planned_dtype(cfg: Config) -> str:
 
 def planned_attention(cfg: Config) -> tuple[str, str]:
     """(implementation, reason) as grpo_fast.modeling would pick it on a CUDA device."""
+    if cfg.attn_implementation == "flash_attention_2" and planned_dtype(cfg) == "float32":
+        raise ConfigError("attn_implementation: flash_attention_2 needs dtype bfloat16 or float16")
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation, "requested"
     if planned_dtype(cfg) == "float32":
@@ -514,8 +519,10 @@ def _trainable_tensor_sizes(cfg: Config, shape: ModelShape) -> list[int]:
         r, dims = cfg.lora.r, shape.linear_shapes()
         per_layer = [n for m in lora_targets(cfg) for n in (r * dims[m][0], r * dims[m][1])]
         return per_layer * shape.num_layers
-    h = shape.hidden_size
-    per_layer = [a * b for a, b in shape.linear_shapes().values()] + [h, h]
+    h, i = shape.hidden_size, shape.intermediate_size
+    biases = ([shape.q_dim, shape.kv_dim, shape.kv_dim] * shape.qkv_bias + [h] * shape.o_bias
+              + [i, i, h] * shape.mlp_bias)
+    per_layer = [a * b for a, b in shape.linear_shapes().values()] + biases + [h, h]
     embeddings = [shape.vocab_size * h] * (1 if shape.tie_word_embeddings else 2)
     return per_layer * shape.num_layers + embeddings + [h]
 
@@ -535,16 +542,21 @@ def layer_activation_bytes_per_token(cfg: Config, shape: ModelShape, seq_len: in
     if full_ft:
         total += 2 * s * h  # the normalized input, for the norm weights' gradients
     attn_out = 2 if attn == "flash_attention_2" else s
-    for modules, width, in_bytes in ((ATTN_IN, h, s), (("o_proj",), shape.q_dim, attn_out),
-                                     (MLP_IN, h, s), (("down_proj",), i, s)):
+    # (modules, input width, input dtype bytes, whether another op already saves that input):
+    # o_proj's input is a view of the attention output, which the attention kernel saves.
+    for modules, width, in_bytes, saved_elsewhere in ((ATTN_IN, h, s, False),
+                                                      (("o_proj",), shape.q_dim, attn_out, True),
+                                                      (MLP_IN, h, s, False),
+                                                      (("down_proj",), i, s, False)):
+        shared = 0 if saved_elsewhere else in_bytes * width
         if full_ft:
-            total += in_bytes * width
+            total += shared
             continue
         adapted = len(targets.intersection(modules))
         if adapted:
-            # peft casts the input to the adapter dtype per adapter: a no-op (one shared
-            # tensor) when it already has that dtype, a separate copy per adapter otherwise.
-            total += (in_bytes if in_bytes == l else adapted * l) * width + adapted * l * r
+            # peft casts the input to the adapter dtype per adapter: a no-op (the input itself,
+            # saved once) when it already has that dtype, a separate copy per adapter otherwise.
+            total += (shared if in_bytes == l else adapted * l * width) + adapted * l * r
     kv_saved = shape.kv_dim if attn == "flash_attention_2" else shape.q_dim
     total += c * (2 * shape.q_dim + 2 * kv_saved) + 4 * shape.num_heads
     total += 3 * s * i  # SwiGLU: SiLU input and output, up projection
@@ -608,7 +620,8 @@ def estimate(cfg: Config, shape: ModelShape, *, group_size: Optional[int] = None
     kv_per_token = 2 * L * shape.kv_dim * s
     if work.generates:
         kv_cache = S * T * kv_per_token
-        prefill = S * work.prompt_tokens * kv_per_token + _forward_workspace(cfg, shape, S, work.prompt_tokens)
+        prefill = (S * work.prompt_tokens * kv_per_token
+                   + _forward_workspace(cfg, shape, S, work.prompt_tokens))
         decode = kv_cache + kv_cache / L + S * shape.vocab_size * 4 * SAMPLING_COPIES
         generation_workspace = max(prefill, decode) - kv_cache
     else:
@@ -616,7 +629,8 @@ def estimate(cfg: Config, shape: ModelShape, *, group_size: Optional[int] = None
 
     scoring = 0
     if _scores_without_grad(cfg):
-        scoring = _forward_workspace(cfg, shape, S, T) + n * s * h + _kernel_bytes(cfg, shape, n_c, backward=False)
+        scoring = (_forward_workspace(cfg, shape, S, T) + n * s * h
+                   + _kernel_bytes(cfg, shape, n_c, backward=False))
 
     per_layer = layer_activation_bytes_per_token(cfg, shape, T) * n
     final_norm = n * 4 * h
@@ -703,7 +717,8 @@ def fit_search(cfg: Config, shape: ModelShape, budget: int, *,
 
     results = {}
     if cfg.mode == "online":
-        results["online.num_generations"] = _largest_fitting(fits_with("online.num_generations"), 1, FIT_SEARCH_MAX)
+        results["online.num_generations"] = _largest_fitting(
+            fits_with("online.num_generations"), 1, FIT_SEARCH_MAX)
         context = shape.max_position_embeddings or FIT_SEARCH_MAX
         max_completion = max(1, context - cfg.online.max_prompt_length)
         results["online.max_completion_length"] = _largest_fitting(
@@ -715,6 +730,10 @@ def fit_search(cfg: Config, shape: ModelShape, budget: int, *,
 # --------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------
+
+
+_KERNEL_LABELS = {"auto": "fused Triton kernel", "triton": "fused Triton kernel",
+                  "chunked": "chunked kernel", "naive": "naive: full logits"}
 
 
 def _gib(n: float) -> str:
@@ -778,7 +797,8 @@ def plan_command(cfg: Config, gpu_memory: Optional[str] = None) -> str:
 
     lines = [f"VRAM plan for {cfg.model_path} ({cfg.mode} GRPO)"]
     setup = [
-        ("model", f"{_count(shape.num_params)} params: {shape.num_layers} layers, hidden {shape.hidden_size}, "
+        ("model", f"{_count(shape.num_params)} params: {shape.num_layers} layers, "
+                  f"hidden {shape.hidden_size}, "
                   f"MLP {shape.intermediate_size}, {shape.num_heads} heads / {shape.num_kv_heads} KV, "
                   f"vocab {shape.vocab_size}{', tied' if shape.tie_word_embeddings else ''}"),
         ("", f"shape from {shape.source}"),
@@ -792,7 +812,8 @@ def plan_command(cfg: Config, gpu_memory: Optional[str] = None) -> str:
     else:
         setup.append(("training", f"full fine-tuning; optim {cfg.optim}"))
     if work.generates:
-        setup.append(("batch", f"{cfg.batch_size} prompts x G={cfg.online.num_generations} = {work.sequences} "
+        prompts = f"{cfg.batch_size} prompt{'s' if cfg.batch_size != 1 else ''}"
+        setup.append(("batch", f"{prompts} x G={cfg.online.num_generations} = {work.sequences} "
                                f"sequences of {work.prompt_tokens} + {work.completion_tokens} tokens"))
     else:
         setup.append(("batch", f"{cfg.batch_size} groups x {group_size} completions = {work.sequences} "
@@ -820,12 +841,13 @@ def plan_command(cfg: Config, gpu_memory: Optional[str] = None) -> str:
         rows += [("reference / old log-probs (no grad)", None, ""),
                  ("  forward workspace + log-probs", plan.scoring, "")]
     other_activations = plan.activations_full if cfg.gradient_checkpointing else plan.activations_checkpointed
+    other_label = "without" if cfg.gradient_checkpointing else "with"
     rows += [("training step (forward + backward)", None, ""),
              (f"  activations{', checkpointed' if cfg.gradient_checkpointing else ''}", plan.activations,
-              f"{'without' if cfg.gradient_checkpointing else 'with'} checkpointing: {other_activations / GiB:.2f}"),
+              f"{other_label} checkpointing: {other_activations / GiB:.2f}"),
              ("  backward workspace", plan.backward_workspace, ""),
              ("  gradients", plan.gradients, ""),
-             (f"  log-prob step ({cfg.logprob_backend} kernel)", plan.logprob_step,
+             (f"  log-prob step ({_KERNEL_LABELS[cfg.logprob_backend]})", plan.logprob_step,
               f"full logits would need {plan.full_logits / GiB:.2f}")]
     lines += ["", f"  {'component':<{width}}{'GiB':>8}", "  " + "-" * (width + 8)]
     for label, value, note in rows:

@@ -106,7 +106,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         if token_weight is not None:
             g = g * token_weight
         n_active = hidden.shape[0] if rows is None else rows.numel()
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_hidden = hidden.new_zeros(hidden.shape) if need_hidden else None
         # Frozen LM head (LoRA): no V x H buffer at all. Otherwise accumulate across chunks
         # in fp32 so bf16 weights do not round once per chunk.
         grad_weight = weight.new_zeros(weight.shape, dtype=acc_dtype) if need_weight else None

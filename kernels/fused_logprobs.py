@@ -5,7 +5,9 @@ memory; only per-token fp32 scalars (log-sum-exp, target logit, entropy) leave t
 The backward recomputes each logit tile from the saved log-sum-exp and accumulates the
 hidden, weight and bias gradients from it. Memory beyond inputs and gradients is O(N): at
 N=16384, V=151936 the naive path holds 10 GB of fp32 logits (and as much again for their
-gradient); this one holds 4 x N floats (plus fp32 gradient accumulators, see `_backward`).
+gradient); this one holds 16 B per token per vocabulary split in the forward (a handful of
+splits, see PROGRAMS_PER_SM), saves 4 B per token for the backward, and accumulates the
+gradients in fp32 buffers (see `_backward`).
 
 Layout, top to bottom: `@triton.jit` kernels, Python launchers, the autograd Function,
 and the functional entry point `fused_logprobs`. Runs on CUDA, and on CPU under

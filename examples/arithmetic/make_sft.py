@@ -26,10 +26,13 @@ Model: `LlamaForCausalLM`, hidden 128, 3 layers, 4 heads (head dim 32, no GQA), 
 tied input/output embeddings, 32 positions (the longest sequence is 11 tokens), fp32, about
 0.8M parameters (a 3 MB checkpoint).
 
-Training: AdamW, batch 128, lr 3e-3 after a 50-step linear warm-up, then constant. Every 50 steps
-the model greedily decodes up to 4 tokens after each held-out prompt; a problem counts as solved
-when those tokens are exactly the digits of `str(a+b)` followed by `<eos>`. Training stops at the
-first check where held-out accuracy reaches 0.30.
+Training: AdamW (torch defaults otherwise: betas 0.9/0.999, weight decay 0.01), batch 128, lr 3e-3
+after a 50-step linear warm-up, then constant, gradient norm clipped at 1.0 (a batch-64 run at
+this lr without clipping spiked and diverged). Every 25 steps the model greedily decodes up to 4
+tokens after each held-out prompt; a problem counts as solved when those tokens are exactly the
+digits of `str(a+b)` followed by `<eos>`. Training stops at the first check where held-out
+accuracy reaches 0.30 (about 900 steps: accuracy sits near 0.1 for hundreds of steps, then
+climbs quickly, so the check interval is kept short to stop close to 0.30).
 
 Reproducibility: seeds are fixed (0), the data order comes from a single-threaded
 `random.Random`, deterministic algorithms are on, and torch runs on one thread, because CPU
@@ -54,12 +57,15 @@ SEED = 0
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 CHARACTERS = "0123456789+=? "
 NUM_EVAL = 200
+# The longest sequence is 11 tokens: <bos> 99+99= 198 <eos>.
+MAX_POSITIONS = 32
 TARGET_ACCURACY = 0.30
-EVAL_EVERY = 50
+EVAL_EVERY = 25
 MAX_STEPS = 20_000
 BATCH_SIZE = 128
 LR = 3e-3
 WARMUP_STEPS = 50
+GRAD_CLIP = 1.0
 # Answers are at most 3 digits (99+99=198), plus the EOS.
 MAX_NEW_TOKENS = 4
 
@@ -78,13 +84,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.add_special_tokens([PAD, BOS, EOS])
     # clean_up_tokenization_spaces would turn " ?" into "?" on decode.
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                   clean_up_tokenization_spaces=False)
+                                   clean_up_tokenization_spaces=False, model_max_length=MAX_POSITIONS)
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=512, max_position_embeddings=32,
+        num_key_value_heads=4, intermediate_size=512, max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(SEED)
@@ -184,6 +190,7 @@ def main() -> None:
         input_ids, labels = collate([examples[i] for i in batch], tokenizer.pad_token_id)
         loss = model(input_ids=input_ids, labels=labels).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -230,7 +230,7 @@ def test_bitsandbytes_8bit_optimizers_step_on_cpu(base_dir, tmp_path):
         assert optimizer_cls is bnb.optim.AdamW and kwargs["optim_bits"] == 8
         assert kwargs["is_paged"] == (optim == "paged_adamw_8bit")
         for optimizer in (optimizer_cls(adapters.values(), **kwargs), build_optimizer(cfg_optim, model)):
-            assert optimizer.args.optim_bits == 8 and optimizer.args.is_paged == (optim == "paged_adamw_8bit")
+            assert optimizer.args.optim_bits == 8 and optimizer.is_paged == (optim == "paged_adamw_8bit")
             model.zero_grad()
             loss_before = loss_of(model)
             loss_before.backward()

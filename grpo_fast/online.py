@@ -65,10 +65,13 @@ class PromptStream:
 
     def __init__(self, num_prompts: int, seed: int, position: int = 0):
         self.num_prompts, self.seed, self.position = num_prompts, seed, position
+        self._epoch, self._order = -1, []
 
     def _permutation(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_prompts, generator=generator).tolist()
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_prompts, generator=generator).tolist()
+        return self._order
 
     def take(self, k: int) -> list[int]:
         out: list[int] = []
@@ -472,7 +475,7 @@ def greedy_eval(cfg: Config, model, tokenizer, reward_fns: list[RewardFunction],
 
     Returns `accuracy` (mean of the first reward function, None ignored: the accuracy for 0/1
     rewards such as math_answer or exact_match), `reward` (mean weighted total),
-    `rewards/<name>/mean` per function, and the completion-length metrics."""
+    `rewards/<name>/mean` per function, `completions/mean_length` and `completions/clipped_ratio`."""
     rows = cfg.batch_size * cfg.online.num_generations
     rolls = [rollout(cfg, model, tokenizer, eos_ids, [r["prompt"] for r in records[i:i + rows]], greedy=True)
              for i in range(0, len(records), rows)]
@@ -482,8 +485,9 @@ def greedy_eval(cfg: Config, model, tokenizer, reward_fns: list[RewardFunction],
     metrics = reward_metrics(per_fn, total, reward_fns)
     out = {"accuracy": metrics[f"rewards/{reward_fns[0].name}/mean"], "reward": metrics["reward"]}
     out.update({f"rewards/{r.name}/mean": metrics[f"rewards/{r.name}/mean"] for r in reward_fns})
-    out.update(completion_metrics(torch.cat([r.lengths for r in rolls]).cpu(),
-                                  torch.cat([r.terminated for r in rolls]).cpu()))
+    lengths = completion_metrics(torch.cat([r.lengths for r in rolls]).cpu(),
+                                 torch.cat([r.terminated for r in rolls]).cpu())
+    out.update({k: lengths[k] for k in ("completions/mean_length", "completions/clipped_ratio")})
     return out
 
 

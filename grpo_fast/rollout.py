@@ -113,7 +113,11 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
     prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)                         # (B*G, P)
     prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)                       # (B*G, P)
 
-    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    # Every setting that shapes the distribution is explicit: unset ones would be filled in from
+    # the model's generation_config.json. Greedy ignores them; it gets transformers' own defaults,
+    # which it does not warn about.
+    sampling = ({"temperature": 1.0, "top_p": 1.0, "top_k": 50} if greedy
+                else {"temperature": temperature, "top_p": top_p, "top_k": top_k})
     generation_config = GenerationConfig(
         do_sample=not greedy, max_new_tokens=max_completion_length, min_new_tokens=0,
         num_beams=1, num_return_sequences=1, repetition_penalty=1.0, use_cache=True,

@@ -221,7 +221,7 @@ def test_bitsandbytes_8bit_optimizers_step_on_cpu(base_dir, tmp_path):
 
     # r = 64 makes every adapter matrix >= 4096 elements, the size from which bitsandbytes keeps
     # 8-bit states (smaller tensors get fp32 states).
-    cfg = qlora_cfg(base_dir, output_dir=str(tmp_path), lora={"r": 64, "alpha": 128}, learning_rate=1e-2)
+    cfg = qlora_cfg(base_dir, output_dir=str(tmp_path), lora={"r": 64, "alpha": 128}, learning_rate=1e-3)
     model, _ = load_model_and_tokenizer(cfg, CPU)
     adapters = lora_params(model)
     for optim in ("adamw_8bit", "paged_adamw_8bit"):

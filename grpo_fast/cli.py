@@ -63,6 +63,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"wrote {plot_run(args.run_dir, args.output, args.metrics)}")
             return 0
         cfg = load_config(args.config, args.overrides)
+        if cfg.cpu_threads > 0:
+            import torch
+
+            torch.set_num_threads(cfg.cpu_threads)
         if args.command == "train":
             from .trainer import train
 

@@ -142,6 +142,9 @@ class Config:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     # Log-prob backend of grpo_fast.kernels: auto = fused Triton on CUDA, chunked on CPU.
     logprob_backend: Literal["auto", "triton", "chunked", "naive"] = "auto"
+    # CPU threads for torch (0 = torch's default, one per core). Tiny models run fastest on 1:
+    # their matmuls are too small to split, and on a busy machine extra threads spin-wait.
+    cpu_threads: int = 0
     # Offline data: skip bad records (counted in the log) instead of failing on the first.
     skip_invalid: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -251,6 +254,7 @@ def validate(cfg: Config) -> Config:
                 "online.epsilon_low", "online.epsilon_high"):
         value = _get(cfg, key)
         _check(math.isfinite(value) and value >= 0, key, f"must be >= 0, got {value}")
+    _check(cfg.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {cfg.cpu_threads}")
     _check(cfg.num_epochs > 0 or cfg.max_steps > 0, "num_epochs", "must be > 0 (or set max_steps)")
     _check(0.0 <= cfg.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio}")
     _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")

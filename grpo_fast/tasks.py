@@ -3,8 +3,9 @@
     rewards:
       - {name: "grpo_fast.tasks:char_match", kwargs: {width: 16}}
 
-`configs/tiny-online.yaml` trains a random-weight tiny Llama with `char_match` on the copy task of
-`data/make_tiny_online.py`. Same signature as every reward function (see grpo_fast.rewards).
+`configs/tiny-online.yaml` trains a random-weight tiny Llama with `char_match` on the
+repeat-the-letter task of `data/make_tiny_online.py` ("c=" -> "ccc"). Same signature as every
+reward function (see grpo_fast.rewards); tested in tests/test_online.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def char_match(prompts: Sequence[Any], completions: Sequence[str], *, answer: Se
 
     Position i scores 1 for the right character and ``0.5 * max(0, 1 - |ord(c_i) - ord(t_i)| / width)``
     for a wrong one; the sum is divided by ``max(len(completion), len(target))``, so a missing or
-    an extra character scores 0 there: the full reward needs the target exactly, then EOS. The
+    an extra character scores 0 there: the full reward needs the target and nothing after it. The
     partial credit makes the task learnable from random weights (a uniformly random byte is
     almost never right, but often close); capping it at half keeps the right character always
     worth more than a safe guess near the middle of the alphabet.

@@ -29,8 +29,17 @@ TINY = {
 }
 
 
+def head(path, n, tmp_path):
+    """The first n records of a shipped data file, so tokenizing and eval stay fast."""
+    out = tmp_path / Path(path).name
+    out.write_text("".join(Path(path).read_text().splitlines(keepends=True)[:n]))
+    return str(out)
+
+
 def tiny_cfg(tmp_path, **extra):
-    return config_from_dict({**TINY, "output_dir": str(tmp_path / "run"), **extra})
+    data = {"dataset_path": head(TINY["dataset_path"], 64, tmp_path),
+            "eval_dataset_path": head(TINY["eval_dataset_path"], 40, tmp_path)}
+    return config_from_dict({**TINY, **data, "output_dir": str(tmp_path / "run"), **extra})
 
 
 def read_metrics(run_dir):
@@ -60,15 +69,17 @@ def test_train_checkpoint_resume_adapter_and_eval(tmp_path, capsys):
     assert resumed[-2:] == [5, 6]
 
     cfg_path = tmp_path / "cfg.yaml"
+    cfg = tiny_cfg(tmp_path)
     cfg_path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in
-                                  {**TINY, "output_dir": str(out)}.items()))
+                                  {**TINY, "output_dir": str(out), "dataset_path": cfg.dataset_path,
+                                   "eval_dataset_path": cfg.eval_dataset_path}.items()))
     assert main(["eval", "--config", str(cfg_path), "--adapter", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "pairwise_accuracy" in printed and "base (adapter off)" in printed
     results = json.loads((out / "eval_results.json").read_text())["results"]
     assert set(results) == {"base (adapter off)", str(out)}
     for metrics in results.values():
-        assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0 and metrics["groups"] == 300
+        assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0 and metrics["groups"] == 40
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):

@@ -7,6 +7,11 @@ forward would allocate 1.2 G logits (5 GB in fp32) plus as much again for their 
 
     seq = sequence_logprobs(model, input_ids, attention_mask, completion_mask)      # (B,)
     tok, ent = token_logprobs(model, input_ids, attention_mask, completion_mask)     # (B, T-1) x2
+
+`token_logprobs` can run the decoder padding-free (`packed=True`, the default under
+FlashAttention-2): the batch's real tokens are concatenated into one (1, total) row, positions
+restarting at 0 for each sequence, so padding costs no compute anywhere in the model. Tested
+against the padded forward by tests/test_packing.py.
 """
 
 from __future__ import annotations
@@ -61,8 +66,8 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return out.last_hidden_state
 
 
-def _shifted(model, input_ids, attention_mask, completion_mask, position_ids=None):
-    hidden = hidden_states(model, input_ids, attention_mask, position_ids)  # (B, T, H)
+def _shifted(model, input_ids, attention_mask, completion_mask):
+    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
     # Position t predicts token t+1: drop the last hidden state and the first target.
     return hidden[:, :-1], input_ids[:, 1:], completion_mask[:, 1:]
 
@@ -81,20 +86,108 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         temperature=temperature / head.scale, normalize=normalize, bias=head.bias, backend=backend)
 
 
+# Attention implementations that take explicit varlen boundaries (`cu_seq_lens_*`, computed
+# here once instead of inferred from position_ids with a device sync in every layer) and run
+# packed rows at the cost of the real tokens alone.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+@dataclass
+class Packed:
+    """A padded (B, T) batch as one padding-free (1, total) row."""
+
+    input_ids: torch.Tensor      # (1, total) the attended tokens of every row, row after row
+    position_ids: torch.Tensor   # (1, total) each row's positions, restarting per sequence
+    index: torch.Tensor          # (B, T) long: column of (b, t) in the packed row (-1: padding)
+    cu_seq_lens: torch.Tensor    # (S+1,) int32: sequence boundaries, S = rows with a real token
+    max_length: int              # longest sequence
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+         position_ids: Optional[torch.Tensor] = None) -> Packed:
+    """Concatenate the attended tokens (attention_mask 1) of each row into one row.
+
+    Positions are `position_ids` at those tokens when given (the rollout's, counted from each
+    row's first real token), else 0, 1, ... over each row's real tokens, which is what
+    `generate` used for left-padded prompts. Rows without any real token are dropped (a zero-
+    length entry in cu_seq_lens would make a varlen kernel see an empty sequence)."""
+    real = attention_mask.bool()                                                 # (B, T)
+    if position_ids is None:
+        position_ids = real.long().cumsum(dim=1) - 1                             # (B, T)
+    lengths = real.sum(dim=1)                                                    # (B,)
+    index = torch.where(real, real.flatten().long().cumsum(0).view(real.shape) - 1, -1)
+    bounds = torch.cat([lengths.new_zeros(1), lengths[lengths > 0].cumsum(0)])   # (S+1,)
+    return Packed(input_ids=input_ids[real].unsqueeze(0),
+                  position_ids=position_ids.expand_as(real)[real].unsqueeze(0),
+                  index=index, cu_seq_lens=bounds.to(torch.int32),
+                  max_length=int(lengths.max()))
+
+
+def _check_segments(packed: Packed) -> None:
+    """Without varlen kernels, transformers finds the packed sequences from position_ids alone
+    (`masking_utils.find_packed_sequence_indices`: a new sequence wherever a position does not
+    follow its predecessor by exactly 1). Refuse explicit position_ids that this would misread
+    (a row that continues its predecessor's count, or jumps inside itself): attention would then
+    cross sequences, or stop inside one, silently."""
+    pos = packed.position_ids[0]                                                 # (total,)
+    starts = torch.zeros_like(pos, dtype=torch.bool)
+    starts[packed.cu_seq_lens[:-1].long()] = True
+    # The first token opens a sequence whatever its position: compare from the second on.
+    follows = pos[1:] - pos[:-1] == 1
+    if bool((follows == starts[1:]).any()):
+        raise ValueError("packed=True needs position_ids that count up by 1 inside each row and "
+                         "restart at every row's first attended token (or position_ids=None)")
+
+
+def packed_hidden_states(model, packed: Packed) -> torch.Tensor:
+    """Final hidden states (1, total, H) of a packed batch.
+
+    No attention mask: under FlashAttention-2/3 the sequence boundaries go in as cu_seq_lens
+    (flash_attn_varlen_func); under SDPA/eager transformers builds a block-diagonal causal mask
+    from the restarting position_ids, which is correct but (total x total): more than the padded
+    batch's B x (T x T) mask, so those backends pack only on request."""
+    kwargs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
+    if model.config._attn_implementation in VARLEN_ATTENTION:
+        kwargs.update(cu_seq_lens_q=packed.cu_seq_lens, cu_seq_lens_k=packed.cu_seq_lens,
+                      max_length_q=packed.max_length, max_length_k=packed.max_length)
+    else:
+        _check_segments(packed)
+    return model.get_decoder()(**kwargs).last_hidden_state
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    completion_mask: torch.Tensor, *, temperature: float = 1.0,
-                   backend: str = "auto", position_ids: Optional[torch.Tensor] = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   backend: str = "auto", position_ids: Optional[torch.Tensor] = None,
+                   packed: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of the completion tokens.
 
     Only the positions where completion_mask is 1 go through the LM head (gathered into a dense
     (n, H) block), so prompt and padding cost no vocab work. Returns (logps, entropy), each
-    (B, T-1) float32 aligned with targets input_ids[:, 1:], zero where masked."""
-    hidden, targets, mask = _shifted(model, input_ids, attention_mask, completion_mask, position_ids)
+    (B, T-1) float32 aligned with targets input_ids[:, 1:], zero where masked.
+
+    `packed` runs the decoder padding-free (see `pack`); None packs under FlashAttention-2/3,
+    where a packed row costs attention over the real tokens only. Rollouts left-pad prompts and
+    right-pad completions, so a micro-batch of 8 x (P + C) often holds half padding: the padded
+    forward spends all its projections, MLPs and attention on it, the packed one none. The two
+    agree up to float rounding given the same positions: pass the rollout's position_ids (or
+    right-padded rows) for a bit-for-bit comparable padded forward."""
+    if packed is None:
+        packed = model.config._attn_implementation in VARLEN_ATTENTION
+    targets = input_ids[:, 1:]                                          # (B, T-1)
+    sel = completion_mask[:, 1:].bool()                                 # (B, T-1)
+    if packed:
+        batch = pack(input_ids, attention_mask, position_ids)
+        # Position t predicts token t+1: both must be attended tokens of the row.
+        source = batch.index[:, :-1][sel]                               # (n,)
+        if bool((source < 0).any() | (batch.index[:, 1:][sel] < 0).any()):
+            raise ValueError("completion_mask marks a token that attention_mask (or its "
+                             "predecessor's) leaves out")
+        hidden = packed_hidden_states(model, batch)[0, source]          # (n, H)
+    else:
+        hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1][sel]  # (n, H)
     head = lm_head(model)
-    sel = mask.bool()                                                   # (B, T-1)
     logp_sel, ent_sel = kernels.token_logprobs(
-        hidden[sel], head.weight, targets[sel], temperature=temperature / head.scale,
+        hidden, head.weight, targets[sel], temperature=temperature / head.scale,
         bias=head.bias, backend=backend, return_entropy=True)            # (n,), (n,)
     logps = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
     entropy = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)

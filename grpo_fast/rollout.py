@@ -7,21 +7,27 @@
 
 Prompts are tokenized, cut from the left to `max_prompt_length` (the end of a prompt, next to
 the completion, matters most) and left-padded, so every row's last prompt token sits in the same
-column and generation appends to all rows at once. HF `generate` samples with its KV cache under
-an explicit `GenerationConfig` (temperature, top_p, top_k, nothing else), so sampling settings in
-a hub model's `generation_config.json` (repetition penalty, its own temperature) cannot change the
+column and generation appends to all rows at once.
+
+`sample_completions` is a lean decoding loop: the model's forward with its KV cache, then
+temperature, top-k and top-p applied by hand (HF's order and semantics: a finished row gets pad,
+decoding stops when every row has emitted EOS). It samples exactly what HF `generate` samples
+under the same RNG state, without `generate`'s per-call setup (generation config merging,
+logits-processor and stopping-criteria objects), which costs more than the model itself for
+short completions of a small model. The sampling settings are explicit arguments, so a hub
+model's `generation_config.json` (repetition penalty, its own temperature) cannot change the
 distribution the log-probs are later computed against. `greedy=True` decodes deterministically
-for evaluation. Tested by tests/test_online.py.
+for evaluation. Tested by tests/test_online.py (against `generate`, greedy and sampled).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig
 
 
 @dataclass
@@ -35,6 +41,14 @@ class Rollout:
     texts: list[str]          # N completions decoded without special tokens
     terminated: Tensor        # (N,) bool: ended with EOS (False: cut at max_completion_length)
     lengths: Tensor           # (N,) long: completion tokens counted by the mask (EOS included)
+
+    def select(self, rows: Tensor) -> "Rollout":
+        """The Rollout of the given (k,) row indices, in that order."""
+        picked = rows.tolist()
+        return Rollout(prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows],
+                       completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
+                       texts=[self.texts[i] for i in picked], terminated=self.terminated[rows],
+                       lengths=self.lengths[rows])
 
     @property
     def input_ids(self) -> Tensor:
@@ -97,6 +111,74 @@ def completion_mask_after_eos(completion_ids: Tensor, eos_ids: Sequence[int]) ->
     return mask, terminated
 
 
+def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> Tensor:
+    """(N, V) next-token logits divided by `temperature`, then all but the `top_k` largest (0: no
+    limit) and all outside the smallest set holding `top_p` of the probability set to -inf: HF's
+    Temperature, TopK and TopP warpers in their order, ties and the one token top-p always keeps
+    included."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                                  # (N, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)                                          # (N, V) x2
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    return logits
+
+
+def _next_token_logits(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                       cache) -> tuple[Tensor, object]:
+    """(N, V) fp32 logits of the token after `input_ids`, and the KV cache extended by it."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), out.cache
+
+
+@torch.no_grad()
+def sample_completions(model, prompt_ids: Tensor, prompt_mask: Tensor, *, num_generations: int = 1,
+                       max_completion_length: int, eos_ids: Sequence[int], pad_id: int,
+                       greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                       top_k: int = 0) -> Tensor:
+    """(B*G, C) completion ids for left-padded (B, P) prompts, G = `num_generations` adjacent
+    rows per prompt, C <= max_completion_length the longest completion.
+
+    The prompts go through the model once, not G times: their KV cache and next-token logits
+    are then repeated G times (the prompt is most of the work when completions are short). Then
+    one forward per new token. A row that has emitted EOS continues with `pad_id`; decoding stops
+    once every row has. Positions count from each row's first real token, as in `generate`."""
+    eos = torch.tensor(list(eos_ids), device=prompt_ids.device)
+    position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)                           # (B, P)
+    logits, cache = _next_token_logits(model, prompt_ids, prompt_mask, position_ids, None)  # (B, V)
+    if num_generations > 1:
+        cache.batch_repeat_interleave(num_generations)
+        logits = logits.repeat_interleave(num_generations, dim=0)                         # (N, V)
+    attention_mask = prompt_mask.repeat_interleave(num_generations, dim=0)                # (N, P)
+    position_ids = position_ids[:, -1:].repeat_interleave(num_generations, dim=0)         # (N, 1)
+    unfinished = torch.ones(logits.size(0), dtype=torch.bool, device=logits.device)       # (N,)
+    tokens = []
+    for step in range(max_completion_length):
+        if greedy:
+            next_ids = logits.argmax(dim=-1)
+        else:
+            probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
+            next_ids = torch.multinomial(probs, num_samples=1).squeeze(1)                # (N,)
+        next_ids = torch.where(unfinished, next_ids, pad_id)
+        tokens.append(next_ids)
+        unfinished &= ~torch.isin(next_ids, eos)
+        # One host sync per token, as generate's stopping check: on CPU it is free, and on a GPU
+        # the forwards it saves once every row has stopped outweigh it.
+        if step == max_completion_length - 1 or not unfinished.any():
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
+        position_ids = position_ids + 1
+        logits, cache = _next_token_logits(model, next_ids[:, None], attention_mask, position_ids, cache)
+    return torch.stack(tokens, dim=1)                                                     # (N, C)
+
+
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_generations: int = 1,
                          max_prompt_length: int, max_completion_length: int,
@@ -110,33 +192,21 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
     eos_ids = list(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, max_prompt_length, device)  # (B, P)
-    prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)                         # (B*G, P)
-    prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)                       # (B*G, P)
-
-    # Every setting that shapes the distribution is explicit: unset ones would be filled in from
-    # the model's generation_config.json. Greedy ignores them; it gets transformers' own defaults,
-    # which it does not warn about.
-    sampling = ({"temperature": 1.0, "top_p": 1.0, "top_k": 50} if greedy
-                else {"temperature": temperature, "top_p": top_p, "top_k": top_k})
-    generation_config = GenerationConfig(
-        do_sample=not greedy, max_new_tokens=max_completion_length, min_new_tokens=0,
-        num_beams=1, num_return_sequences=1, repetition_penalty=1.0, use_cache=True,
-        eos_token_id=eos_ids, pad_token_id=pad, **sampling)
     was_training = model.training
     model.eval()
     try:
-        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                   generation_config=generation_config)                     # (B*G, P+C')
+        completion_ids = sample_completions(
+            model, prompt_ids, prompt_mask, num_generations=num_generations,
+            max_completion_length=max_completion_length, eos_ids=eos_ids, pad_id=pad, greedy=greedy,
+            temperature=temperature, top_p=top_p, top_k=top_k)                              # (B*G, C)
     finally:
         model.train(was_training)
+    prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)                         # (B*G, P)
+    prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)                       # (B*G, P)
 
-    completion_ids = sequences[:, prompt_ids.size(1):]                                      # (B*G, C')
-    completion_mask, terminated = completion_mask_after_eos(completion_ids, eos_ids)        # (B*G, C'), (B*G,)
+    # Already padded after EOS and as wide as the longest completion (sample_completions stops there).
+    completion_mask, terminated = completion_mask_after_eos(completion_ids, eos_ids)        # (B*G, C), (B*G,)
     lengths = completion_mask.sum(dim=1)                                                    # (B*G,)
-    # Pad to the longest completion of this batch, not to max_completion_length.
-    C = int(lengths.max())
-    completion_ids, completion_mask = completion_ids[:, :C], completion_mask[:, :C]
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
     # The mask is a prefix of each row: decode exactly the tokens the rewards are about.
     texts = [tokenizer.decode(ids[:n], skip_special_tokens=True)
              for ids, n in zip(completion_ids.tolist(), lengths.tolist())]

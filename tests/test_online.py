@@ -6,10 +6,10 @@ accumulation, the training loop's metrics, checkpoints and --resume, reward erro
 
 import json
 import math
-from dataclasses import fields
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from grpo_fast import online, rewards
 from grpo_fast.config import ConfigError, config_from_dict
@@ -17,7 +17,9 @@ from grpo_fast.data import DataError
 from grpo_fast.modeling import BASE_MODEL_DIR, load_base_model, load_model_and_tokenizer
 from grpo_fast.online import OnlineTrainer, PromptStream, evaluate_online, train_online
 from grpo_fast.plot import plot_run
-from grpo_fast.rollout import Rollout, completion_mask_after_eos, generate_completions
+from grpo_fast import rollout as rollout_module
+from grpo_fast.rollout import (Rollout, completion_mask_after_eos, filter_logits, generate_completions,
+                              sample_completions, tokenize_prompts)
 from grpo_fast.tasks import char_match
 
 TRAIN_FIELDS = [
@@ -126,18 +128,61 @@ def test_completion_mask_stops_after_first_eos(tiny, monkeypatch):
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert terminated.tolist() == [True, False, True]
 
-    # Through generate_completions: EOS mid-completion, tokens after it masked and padded, and
-    # the batch trimmed to its longest completion.
+    # Through generate_completions: a row finished at EOS continues with pad, and decoding stops
+    # once every row has finished (before max_completion_length).
     prompt = tok("x=")["input_ids"]
-    rows = [[97, eos, 98, 99, 100, 101], [97, 98, eos, 99, 100, 101]]
-    monkeypatch.setattr(model, "generate",
-                        lambda **kw: torch.tensor([prompt + r for r in rows]), raising=False)
+    rows = iter([[97, 97], [eos, 98], [pad, eos]])
+
+    class Cache:
+        def batch_repeat_interleave(self, repeats):
+            pass
+
+    def scripted(model, input_ids, *args):
+        n = input_ids.size(0)        # the prompt pass runs once for the G rows: n = 1
+        logits = torch.full((n, model.config.vocab_size), -1e9)
+        logits[range(n), next(rows)[:n]] = 0.0
+        return logits, Cache()
+
+    monkeypatch.setattr(rollout_module, "_next_token_logits", scripted)
     roll = generate_completions(model, tok, ["x="], num_generations=2, max_prompt_length=8,
                                 max_completion_length=6)
+    assert roll.prompt_ids.tolist() == [prompt, prompt]
     assert roll.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
     assert roll.completion_ids.tolist() == [[97, eos, pad], [97, 98, eos]]
     assert roll.texts == ["a", "ab"] and roll.terminated.tolist() == [True, True]
     assert roll.lengths.tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("sampling", [None, {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
+                                      {"temperature": 0.7, "top_p": 0.9, "top_k": 5}],
+                         ids=["greedy", "plain", "filtered"])
+def test_sampler_matches_hf_generate(tiny, sampling):
+    """The lean loop (one prompt pass shared by the G rows) decodes what `generate` decodes: the
+    same greedy tokens, and the same samples from the same RNG state, on left-padded prompts."""
+    cfg, model, tok = tiny
+    model.eval()
+    prompt_ids, prompt_mask = tokenize_prompts(tok, ["ab=", "cdefg=", "h="], 8, torch.device("cpu"))
+    G = 1 if sampling is None else 4
+    eos = [tok.eos_token_id]
+    settings = sampling or {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+    config = GenerationConfig(do_sample=sampling is not None, max_new_tokens=6, num_beams=1,
+                              eos_token_id=eos, pad_token_id=tok.pad_token_id, **settings)
+    torch.manual_seed(7)
+    expected = model.generate(input_ids=prompt_ids.repeat_interleave(G, 0), attention_mask=prompt_mask.repeat_interleave(G, 0),
+                              generation_config=config)[:, prompt_ids.size(1):]
+    torch.manual_seed(7)
+    got = sample_completions(model, prompt_ids, prompt_mask, num_generations=G, max_completion_length=6,
+                             eos_ids=eos, pad_id=tok.pad_token_id, greedy=sampling is None, **(sampling or {}))
+    assert torch.equal(got, expected[:, :got.size(1)]) and (expected[:, got.size(1):] == tok.pad_token_id).all()
+
+
+def test_filter_logits_temperature_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert filter_logits(logits, top_k=2).isinf().tolist() == [[False, False, True, True]]
+    # top_p keeps the smallest set reaching p: 0.5 + 0.3 >= 0.75.
+    assert filter_logits(logits, top_p=0.75).isinf().tolist() == [[False, False, True, True]]
+    assert filter_logits(logits, top_p=0.01).isinf().tolist() == [[False, True, True, True]]
+    torch.testing.assert_close(filter_logits(logits, temperature=0.5), logits * 2)
 
 
 # ------------------------------------------------------------------------------------------
@@ -203,10 +248,6 @@ def test_num_iterations_uses_stored_old_logps(prompts_file, tmp_path, monkeypatc
     assert [c[1] for c in calls] == [None], "mu = 1 runs no old-log-prob pass"
 
 
-def _rows(roll: Rollout, sl: slice) -> Rollout:
-    return Rollout(**{f.name: getattr(roll, f.name)[sl] for f in fields(Rollout)})
-
-
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_gradient_accumulation_matches_one_big_batch(prompts_file, tmp_path, monkeypatch, loss_type,
                                                     rank_reward):
@@ -229,12 +270,60 @@ def test_gradient_accumulation_matches_one_big_batch(prompts_file, tmp_path, mon
 
     small = OnlineTrainer(make_cfg(prompts_file, tmp_path / "b", batch_size=1, gradient_accumulation_steps=2,
                                    online={"loss_type": loss_type, "rewards": rank_reward}))
-    halves = iter([_rows(roll, slice(0, 4)), _rows(roll, slice(4, 8))])
+    halves = iter([roll.select(torch.arange(0, 4)), roll.select(torch.arange(4, 8))])
     small.generate = lambda prompts: next(halves)
     small.step(records)
     assert any(g.abs().max() > 0 for g in grads[0])
     for g_big, g_small in zip(*grads, strict=True):
         torch.testing.assert_close(g_small, g_big, atol=1e-7, rtol=1e-4)
+
+
+def test_zero_advantage_rows_are_skipped_with_the_same_gradient(prompts_file, tmp_path, monkeypatch):
+    """dapo with beta = 0: the step trains only on rows of non-zero advantage, and its gradient is
+    the full batch's (the skipped rows' tokens still count in the normalizer)."""
+    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "half",
+                        lambda prompts, completions, **kw: [0.0] * 4 + [0.0, 1.0, 2.0, 3.0])
+    cfg = make_cfg(prompts_file, tmp_path, online={"loss_type": "dapo", "beta": 0.0,
+                                                   "rewards": [{"name": "half"}]})
+    trainer = OnlineTrainer(cfg)
+    records = trainer.prompts[:2]
+    roll = trainer.generate([r["prompt"] for r in records])                   # (2*G, C)
+    trainer.generate = lambda prompts: roll
+    rows_seen, grads = [], []
+    real_logps, real_clip = online.completion_logps, torch.nn.utils.clip_grad_norm_
+
+    def spy_logps(model, r, **kw):
+        rows_seen.append(r.completion_ids.size(0))
+        return real_logps(model, r, **kw)
+
+    def capture(params, max_norm):
+        params = list(params)
+        grads.append([p.grad.clone() for p in params])
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(online, "completion_logps", spy_logps)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    expected_loss, _ = online.grpo_loss(
+        real_logps(trainer.model, roll)[0], None, None,
+        online.group_advantages(torch.tensor([0.0] * 4 + [0.0, 1.0, 2.0, 3.0]), 4), roll.completion_mask,
+        loss_type="dapo", num_items_in_batch=int(roll.lengths.sum()))
+    expected_loss.backward()
+    expected = [p.grad.clone() for p in trainer.trainable]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.step(records)
+    assert rows_seen == [4], "only the group with different rewards is trained on"
+    for got, want in zip(grads[0], expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-4)
+
+
+def test_informative_rows_keeps_one_row_of_an_all_zero_batch():
+    roll = Rollout(prompt_ids=torch.zeros(3, 2, dtype=torch.long), prompt_mask=torch.ones(3, 2, dtype=torch.long),
+                   completion_ids=torch.arange(3).unsqueeze(1), completion_mask=torch.ones(3, 1, dtype=torch.long),
+                   texts=["a", "b", "c"], terminated=torch.ones(3, dtype=torch.bool), lengths=torch.ones(3, dtype=torch.long))
+    kept, adv = online.informative_rows(roll, torch.tensor([0.0, 1.5, -1.5]))
+    assert kept.texts == ["b", "c"] and adv.tolist() == [1.5, -1.5]
+    kept, adv = online.informative_rows(roll, torch.zeros(3))
+    assert kept.texts == ["a"] and adv.tolist() == [0.0]
 
 
 # ------------------------------------------------------------------------------------------

@@ -261,6 +261,74 @@ def test_layer_formula_matches_autograd_saved_tensors(tmp_path, quantization, dt
     assert per_layer == pytest.approx(predicted, rel=0.01)
 
 
+def _profiled_peak(fn) -> int:
+    """Peak bytes allocated on CPU while fn runs, above the level when it starts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                    if e.self_cpu_memory_usage)
+    level = peak = 0
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def test_generation_estimate_matches_the_cpu_profiler(tmp_path):
+    """KV cache + prefill working set of a real QLoRA generate, measured by the profiler."""
+    from grpo_fast.modeling import load_model_and_tokenizer
+
+    S, P, C = 8, 48, 8
+    cfg = config_from_dict({"mode": "online", "model_path": _small_model(tmp_path, 2), "dtype": "bfloat16",
+                            "attn_implementation": "sdpa", "batch_size": 1, "quantization": {"load_in_4bit": True},
+                            "online": {"dataset_name": "unused", "num_generations": S,
+                                       "max_prompt_length": P, "max_completion_length": C}})
+    model, _ = load_model_and_tokenizer(cfg, device=torch.device("cpu"))
+    model.eval()
+    ids = torch.randint(0, 256, (S, P), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(S, P, dtype=torch.long)
+    mask[0, :5] = 0
+
+    def generate():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=C,
+                                 min_new_tokens=C, pad_token_id=0)
+        assert out.shape == (S, P + C)
+
+    plan = estimate(cfg, model_shape(cfg.model_path))
+    assert _profiled_peak(generate) == pytest.approx(plan.generation, rel=0.15)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_training_estimate_bounds_the_cpu_profiler(tmp_path, checkpointing):
+    """Forward + backward of a QLoRA micro-batch: the plan is an upper bound, within 25%."""
+    from grpo_fast.modeling import load_model_and_tokenizer
+
+    S, P, C = 8, 32, 32
+    cfg = config_from_dict({"mode": "online", "model_path": _small_model(tmp_path, 2), "dtype": "bfloat16",
+                            "attn_implementation": "sdpa", "batch_size": 1, "quantization": {"load_in_4bit": True},
+                            "gradient_checkpointing": checkpointing, "logprob_backend": "chunked",
+                            "online": {"dataset_name": "unused", "num_generations": S,
+                                       "max_prompt_length": P, "max_completion_length": C}})
+    model, _ = load_model_and_tokenizer(cfg, device=torch.device("cpu"))
+    model.train()
+    ids = torch.randint(0, 256, (S, P + C), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones(S, P + C, dtype=torch.long)
+    attention_mask[0, :5] = 0
+    completion_mask = torch.zeros(S, P + C)
+    completion_mask[:, P:] = 1
+
+    def step():
+        logps, _ = logprobs.token_logprobs(model, ids, attention_mask, completion_mask, backend="chunked")
+        (-logps.sum()).backward()
+
+    measured = _profiled_peak(step)
+    planned = estimate(cfg, model_shape(cfg.model_path)).training
+    assert measured <= planned <= 1.25 * measured
+
+
 # --------------------------------------------------------------------------------------------
 # Totals and the fit search
 # --------------------------------------------------------------------------------------------

@@ -431,11 +431,10 @@ def planned_attention(cfg: Config) -> tuple[str, str]:
 
 def precision(cfg: Config) -> Precision:
     """Bytes per element of each kind of tensor the config produces on a GPU (module docstring)."""
+    # Quantized or not, the unquantized parameters (embeddings, LM head, norms, biases) keep the
+    # model dtype: grpo_fast.modeling only freezes a quantized base (no
+    # prepare_model_for_kbit_training upcast), so the residual stream stays in that dtype too.
     weights = DTYPE_BYTES[planned_dtype(cfg)]
-    if _quantized(cfg):
-        # prepare_model_for_kbit_training upcasts every unquantized parameter to fp32, and the
-        # fp32 embedding output makes the whole residual stream fp32.
-        weights = 4
     attn, _ = planned_attention(cfg)
     return Precision(weight=weights, stream=weights, lora=4,
                      attention=2 if attn == "flash_attention_2" else weights,

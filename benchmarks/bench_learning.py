@@ -35,8 +35,7 @@ from typing import Callable, Optional
 import torch
 
 from grpo_fast.config import load_config
-from grpo_fast.data import load_prompt_dataset
-from grpo_fast.online import OnlineTrainer, greedy_eval
+from grpo_fast.online import OnlineTrainer, greedy_eval, prompt_records
 from grpo_fast.rewards import load_reward_functions
 from grpo_fast.rollout import eos_token_ids
 
@@ -58,7 +57,7 @@ class Evaluator:
         self.reward_fns = load_reward_functions([asdict(s) for s in cfg.online.rewards])
 
     def __call__(self, model, tokenizer) -> float:
-        records = load_prompt_dataset(tokenizer, path=self.cfg.eval_dataset_path)[:self.cfg.online.eval_max_samples]
+        records = prompt_records(self.cfg, tokenizer, self.cfg.eval_dataset_path)[:self.cfg.online.eval_max_samples]
         eos = eos_token_ids(model, tokenizer)
         return greedy_eval(self.cfg, model, tokenizer, self.reward_fns, eos, records)["accuracy"]
 

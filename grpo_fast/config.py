@@ -100,6 +100,12 @@ class OnlineConfig:
     dataset_split: str = "train"
     # Column holding the prompt (a string, or a list of chat messages).
     prompt_column: str = "prompt"
+    # Instruct models expect their chat format: render string prompts as a user message through
+    # the tokenizer's chat template (message-list prompts always are).
+    chat_template: bool = False
+    # A system message put before every prompt (implies chat_template), e.g. the answer format
+    # the format reward checks for.
+    system_prompt: Optional[str] = None
     # Sample completions with their rewards are logged every this many steps (0 = never).
     log_completions_steps: int = 50
     # Held-out greedy accuracy every eval_steps (0 = never) on eval_dataset_path.

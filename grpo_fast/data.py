@@ -175,13 +175,20 @@ class GroupCollator:
                 "completion_mask": completion_mask, "scores": scores, "group_mask": group_mask}
 
 
-def render_prompt(tokenizer, prompt: Any, where: str) -> str:
-    """A prompt as text: strings pass through; chat message lists go through the chat template."""
+def render_prompt(tokenizer, prompt: Any, where: str, *, chat_template: bool = False,
+                  system_prompt: Optional[str] = None) -> str:
+    """A prompt as text. Strings pass through, or with `chat_template` / `system_prompt` become a
+    user message; chat message lists go through the tokenizer's chat template, after the
+    system message when one is given and the list has none."""
     if isinstance(prompt, str):
         if not prompt:
             raise DataError(f"{where}: empty prompt")
-        return prompt
+        if not (chat_template or system_prompt):
+            return prompt
+        prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        if system_prompt and not any(m["role"] == "system" for m in prompt):
+            prompt = [{"role": "system", "content": system_prompt}, *prompt]
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError(f"{where}: prompt is a list of chat messages but the tokenizer has no chat template")
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -190,9 +197,11 @@ def render_prompt(tokenizer, prompt: Any, where: str) -> str:
 
 def load_prompt_dataset(tokenizer, *, path: Optional[str] = None, name: Optional[str] = None,
                         config_name: Optional[str] = None, split: str = "train",
-                        prompt_column: str = "prompt") -> list[dict]:
-    """Prompt records for online GRPO: each a dict with `prompt` (rendered text) and every other
-    column of the source, unchanged (they are passed to the reward functions)."""
+                        prompt_column: str = "prompt", chat_template: bool = False,
+                        system_prompt: Optional[str] = None) -> list[dict]:
+    """Prompt records for online GRPO: each a dict with `prompt` (rendered text, see
+    `render_prompt`) and every other column of the source, unchanged (they are passed to the
+    reward functions)."""
     if path is not None:
         rows = [(f"{path}:{line}", r) for line, r in iter_json_records(path)]
     else:
@@ -205,7 +214,8 @@ def load_prompt_dataset(tokenizer, *, path: Optional[str] = None, name: Optional
         if not isinstance(r, dict) or prompt_column not in r:
             raise DataError(f"{where}: missing column '{prompt_column}'")
         rec = {k: v for k, v in r.items() if k != prompt_column}
-        rec["prompt"] = render_prompt(tokenizer, r[prompt_column], where)
+        rec["prompt"] = render_prompt(tokenizer, r[prompt_column], where,
+                                      chat_template=chat_template, system_prompt=system_prompt)
         records.append(rec)
     if not records:
         raise DataError(f"{path or name}: no prompts")

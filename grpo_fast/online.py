@@ -147,14 +147,10 @@ class OnlineTrainer:
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.reward_fns: list[RewardFunction] = load_reward_functions([asdict(s) for s in self.o.rewards])
 
-        self.prompts = load_prompt_dataset(
-            self.tokenizer, path=cfg.dataset_path, name=self.o.dataset_name,
-            config_name=self.o.dataset_config, split=self.o.dataset_split, prompt_column=self.o.prompt_column)
+        self.prompts = prompt_records(cfg, self.tokenizer, cfg.dataset_path, hub=True)
         self.eval_prompts: list[dict] = []
         if self.o.eval_steps > 0 and cfg.eval_dataset_path:
-            self.eval_prompts = load_prompt_dataset(
-                self.tokenizer, path=cfg.eval_dataset_path,
-                prompt_column=self.o.prompt_column)[:self.o.eval_max_samples]
+            self.eval_prompts = prompt_records(cfg, self.tokenizer, cfg.eval_dataset_path)[:self.o.eval_max_samples]
         logger.info("online GRPO: %d prompts from %s, %d eval prompts, rewards %s", len(self.prompts),
                     cfg.dataset_path or self.o.dataset_name, len(self.eval_prompts),
                     ", ".join(f"{r.name} x {r.weight:g}" for r in self.reward_fns))
@@ -440,6 +436,15 @@ def informative_rows(roll: Rollout, advantages: Tensor) -> tuple[Rollout, Tensor
     return roll.select(rows), advantages[rows]
 
 
+def prompt_records(cfg: Config, tokenizer, path: Optional[str], hub: bool = False) -> list[dict]:
+    """Prompt records from a file, or (with `hub`, when path is None) from the configured
+    `datasets` hub dataset, rendered as the config asks (chat template, system prompt)."""
+    o = cfg.online
+    hub_args = dict(name=o.dataset_name, config_name=o.dataset_config, split=o.dataset_split) if hub else {}
+    return load_prompt_dataset(tokenizer, path=path, prompt_column=o.prompt_column,
+                               chat_template=o.chat_template, system_prompt=o.system_prompt, **hub_args)
+
+
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; biases and norm weights (1-D) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -524,8 +529,7 @@ def evaluate_online(cfg: Config, adapter: Optional[str] = None,
     model, tokenizer = load_model_and_tokenizer(cfg, adapter_path=adapter, trainable=False)
     reward_fns = load_reward_functions([asdict(s) for s in cfg.online.rewards])
     eos_ids = eos_token_ids(model, tokenizer)
-    records = load_prompt_dataset(tokenizer, path=data_path,
-                                  prompt_column=cfg.online.prompt_column)[:cfg.online.eval_max_samples]
+    records = prompt_records(cfg, tokenizer, data_path)[:cfg.online.eval_max_samples]
     results = {}
     if cfg.lora.enabled and (adapter or cfg.lora_path):
         with model.disable_adapter():

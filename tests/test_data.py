@@ -106,6 +106,17 @@ def test_prompt_dataset_keeps_columns_and_renders_chat(tmp_path, tok):
         assert rec["prompt"] == "<user>hi<assistant>"
     finally:
         tok.chat_template = None
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "<assistant>")
+    try:
+        (rec,) = load_prompt_dataset(tok, path=path, chat_template=True)
+        assert rec == {"prompt": "<user>2+2=<assistant>", "answer": "4"}
+        (rec,) = load_prompt_dataset(tok, path=path, system_prompt="End with #### N.")
+        assert rec["prompt"] == "<system>End with #### N.<user>2+2=<assistant>"
+        (rec,) = load_prompt_dataset(tok, path=chat, system_prompt="S")
+        assert rec["prompt"] == "<system>S<user>hi<assistant>"
+    finally:
+        tok.chat_template = None
     missing = write_jsonl(tmp_path / "m.jsonl", [{"question": "x"}])
     with pytest.raises(DataError, match=r"m\.jsonl:1: missing column 'prompt'"):
         load_prompt_dataset(tok, path=missing)

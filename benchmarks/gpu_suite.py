@@ -259,11 +259,11 @@ def part_roofline(device: str, sizes: Sizes, tiny: bool) -> dict:
 
     seconds = median_seconds(step, device, warmup=2, iters=5)
     achieved = tflops(logprob_flops(n, h, v), seconds)
-    return {"gemm_bf16_tflops": {str(k): round(x, 2) for k, x in gemm.items()},
-            "gemm_bf16_peak_tflops": round(peak, 2),
+    return {"gemm_bf16_tflops": {str(k): x for k, x in gemm.items()},
+            "gemm_bf16_peak_tflops": peak,
             "kernel": {"backend": backend, "N": n, "H": h, "V": v, "seconds": seconds,
-                       "flops": logprob_flops(n, h, v), "tflops": round(achieved, 2),
-                       "fraction_of_gemm": round(achieved / peak, 3)},
+                       "flops": logprob_flops(n, h, v), "tflops": achieved,
+                       "fraction_of_gemm": achieved / peak},
             "ok": True}
 
 
@@ -439,9 +439,9 @@ def markdown(record: dict) -> str:
             lines.append(f"- roofline: error: {r['error']}")
         else:
             k = r["kernel"]
-            lines.append(f"- roofline: bf16 GEMM {r['gemm_bf16_peak_tflops']} TFLOP/s; {k['backend']} kernel "
+            lines.append(f"- roofline: bf16 GEMM {r['gemm_bf16_peak_tflops']:.1f} TFLOP/s; {k['backend']} kernel "
                          f"fwd+bwd N={k['N']} H={k['H']} V={k['V']}: {k['seconds'] * 1e3:.1f} ms, "
-                         f"{k['tflops']} TFLOP/s = {k['fraction_of_gemm']:.0%} of GEMM")
+                         f"{k['tflops']:.1f} TFLOP/s = {k['fraction_of_gemm']:.0%} of GEMM")
     if "step" in parts:
         s = parts["step"]
         if "error" in s:

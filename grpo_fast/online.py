@@ -171,9 +171,12 @@ class OnlineTrainer:
         self.stream = PromptStream(len(self.prompts), cfg.seed, self.state.prompts_consumed)
         self.writer = None
         if cfg.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("report_to: tensorboard needs the tensorboard package "
+                                  "(pip install 'grpo-fast[tensorboard]')") from None
 
-            self.writer = SummaryWriter(cfg.logging_dir or str(self.out / "runs"))
 
     # ---------------------------------------------------------------------------------------
     # One step

@@ -575,12 +575,24 @@ def layer_activation_bytes_per_token(cfg: Config, shape: ModelShape, seq_len: in
 
 
 def _forward_workspace(cfg: Config, shape: ModelShape, sequences: int, seq_len: int) -> float:
-    """One layer's no-grad working set over sequences x seq_len tokens."""
-    s = precision(cfg).stream
+    """The no-grad forward's working set over sequences x seq_len tokens (module docstring)."""
+    p = precision(cfg)
+    s, l, h, i = p.stream, p.lora, shape.hidden_size, shape.intermediate_size
     n = sequences * seq_len
-    total = n * s * (4 * shape.hidden_size + 4 * shape.intermediate_size)
+    # Live through the last layer: the embedding output (the model keeps it), the layer's input,
+    # the residual after attention and the normed MLP input; RoPE's cos and sin.
+    per_token = 4 * s * h + 2 * s * shape.head_dim
+    if "up_proj" in lora_targets(cfg):
+        # The peak is in up_proj's adapter (i > h): the SiLU output, the base layer's cloned
+        # output, peft's cast of the input to the adapter dtype (none when s = l) and the LoRA-B
+        # output with its scaled copy (the LoRA-A output is freed by then).
+        per_token += 2 * s * i + 2 * l * i + (l * h if s != l else 0)
+    else:
+        # Not measured: a bound of SiLU output, up output, their product and one more i-wide copy.
+        per_token += 4 * s * i
+    total = n * per_token
     if planned_attention(cfg)[0] != "flash_attention_2":
-        total += sequences * seq_len * seq_len * s
+        total += sequences * seq_len * seq_len  # the model's boolean 4D attention mask
     return total
 
 

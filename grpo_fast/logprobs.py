@@ -169,8 +169,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     where a packed row costs attention over the real tokens only. Rollouts left-pad prompts and
     right-pad completions, so a micro-batch of 8 x (P + C) often holds half padding: the padded
     forward spends all its projections, MLPs and attention on it, the packed one none. The two
-    agree up to float rounding given the same positions: pass the rollout's position_ids (or
-    right-padded rows) for a bit-for-bit comparable padded forward."""
+    agree up to float rounding when both see the same positions: the rollout's position_ids, or
+    right-padded rows (without position_ids the padded forward counts left padding too)."""
     if packed is None:
         packed = model.config._attn_implementation in VARLEN_ATTENTION
     targets = input_ids[:, 1:]                                          # (B, T-1)

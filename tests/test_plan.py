@@ -115,14 +115,15 @@ def test_nf4_weight_bytes_by_hand():
     assert nf4(1536 * 1536) == 1_217_088
     layer = 2 * nf4(1536 * 1536) + 2 * nf4(1536 * 256) + 3 * nf4(1536 * 8960)
     assert layer == 24_138_912
-    # Embeddings (tied), 57 norms and the q/k/v biases stay unquantized and are upcast to fp32.
+    # Embeddings (tied), 57 norms and the q/k/v biases stay unquantized, in the model dtype
+    # (bf16; the base is only frozen, not upcast by prepare_model_for_kbit_training).
     unquantized = 151_936 * 1536 + 57 * 1536 + 28 * (1536 + 2 * 256)
-    assert weight_bytes(online_cfg(), shape) == 28 * layer + 4 * unquantized == 1_609_963_904
+    assert weight_bytes(online_cfg(), shape) == 28 * layer + 2 * unquantized == 1_142_926_720
     # 0.5 byte + 0.127 bit of scales per quantized weight.
     linears = 28 * shape.linear_params_per_layer
     assert (28 * layer) / linears == pytest.approx(0.5 + 0.127 / 8, rel=1e-3)
     no_dq = online_cfg(quantization={"double_quant": False})
-    assert weight_bytes(no_dq, shape) - 4 * unquantized == pytest.approx(linears * (0.5 + 4 / 64), rel=1e-6)
+    assert weight_bytes(no_dq, shape) - 2 * unquantized == pytest.approx(linears * (0.5 + 4 / 64), rel=1e-6)
     bf16 = online_cfg(quantization={"load_in_4bit": False})
     assert weight_bytes(bf16, shape) == 2 * shape.num_params
 
@@ -130,16 +131,19 @@ def test_nf4_weight_bytes_by_hand():
 def test_tiny_weight_bytes_by_hand():
     shape = model_shape(str(SHAPES_DIR / "tiny-llama.json"))
     cfg = online_cfg(model_path=str(SHAPES_DIR / "tiny-llama.json"))
-    # 64 x 64: 2048 packed + 64 absmax + 4; 64 x 192: 6144 + 192 + 4; unquantized 259 x 64 + 5 x 64.
-    assert weight_bytes(cfg, shape) == 2 * (4 * 2116 + 3 * 6340) + 4 * (259 * 64 + 5 * 64) == 122_552
+    # 64 x 64: 2048 packed + 64 absmax + 4; 64 x 192: 6144 + 192 + 4; unquantized 259 x 64 + 5 x 64
+    # in bf16 (dtype auto on a GPU).
+    assert weight_bytes(cfg, shape) == 2 * (4 * 2116 + 3 * 6340) + 2 * (259 * 64 + 5 * 64) == 88_760
+    f32 = online_cfg(model_path=str(SHAPES_DIR / "tiny-llama.json"), dtype="float32")
+    assert weight_bytes(f32, shape) == 88_760 + 2 * (259 * 64 + 5 * 64)
 
 
 def test_kv_cache_lora_and_logits_by_hand():
     cfg = online_cfg(optim="adamw_torch")
     plan = estimate(cfg, model_shape(cfg.model_path))
-    # k and v, 28 layers x 2 KV heads x 128 dims, fp32 (QLoRA's fp32 residual stream), for
-    # 8 sequences x 768 tokens.
-    assert plan.kv_cache == 8 * 768 * 2 * 28 * 256 * 4 == 352_321_536
+    # k and v, 28 layers x 2 KV heads x 128 dims, bf16 (the residual stream keeps the model
+    # dtype under QLoRA), for 8 sequences x 768 tokens.
+    assert plan.kv_cache == 8 * 768 * 2 * 28 * 256 * 2 == 176_160_768
     # LoRA r=16 on all seven linears: 16 x (in + out) each.
     per_layer = 16 * ((1536 + 1536) * 2 + (1536 + 256) * 2 + (1536 + 8960) * 3)
     assert lora_param_count(cfg, model_shape(cfg.model_path)) == 28 * per_layer == 18_464_768
@@ -147,8 +151,8 @@ def test_kv_cache_lora_and_logits_by_hand():
     assert plan.optimizer_states == 8 * 28 * per_layer
     # Full logits for 8 x 512 completion tokens: fp32 logits, log_softmax and its gradient.
     assert plan.full_logits == 8 * 512 * 151_936 * 4 * 3
-    # The fused kernel: the fp32 hidden state it reads and its gradient, plus 16 bytes per token.
-    assert plan.logprob_step == 8 * 512 * (2 * 4 * 1536 + 16)
+    # The fused kernel: the bf16 hidden state it reads and its gradient, plus 16 bytes per token.
+    assert plan.logprob_step == 8 * 512 * (2 * 2 * 1536 + 16)
     assert plan.full_logits > 100 * plan.logprob_step
 
 
@@ -166,23 +170,23 @@ def test_activation_formula_for_qwen_1_5b_by_hand():
     shape = model_shape(cfg.model_path)
     h, i, q, T = 1536, 8960, 1536, 768
     expected = (2 * 4 * h                           # two RMSNorm inputs in fp32
-                + 4 * (h + h) + 4 * i               # LoRA inputs: q/k/v, gate/up, down (fp32, shared;
-                                                    # o reads the saved attention output)
+                + 4 * (3 * h + q + 2 * h + i)       # peft's fp32 copy of each adapted linear's bf16
+                                                    # input: q/k/v, o, gate/up, down
                 + 7 * 16 * 4                        # LoRA-A outputs
-                + 4 * 4 * q + 4 * 12                # SDPA: q, repeated k and v, output; log-sum-exp
-                + 3 * 4 * i                         # SiLU in/out, up
-                + T * 4)                            # SDPA's float padding mask
-    assert layer_activation_bytes_per_token(cfg, shape, T) == expected == 196_080
+                + 2 * 4 * q + 4 * 12                # SDPA: q, repeated k and v, output (bf16);
+                                                    # fp32 log-sum-exp
+                + 3 * 2 * i                         # SiLU in/out, up
+                + T * 2)                            # SDPA's bf16 padding mask
+    assert layer_activation_bytes_per_token(cfg, shape, T) == expected == 153_072
     plan = estimate(cfg, shape)
     n = 8 * T
     assert plan.activations_full == 28 * expected * n + 4 * h * n
-    assert plan.activations_checkpointed == 28 * n * 4 * h + expected * n + 4 * h * n
+    assert plan.activations_checkpointed == 28 * n * 2 * h + expected * n + 4 * h * n
     assert plan.activations == plan.activations_checkpointed < plan.activations_full / 5
-    # FlashAttention-2 saves bf16 q/k/v/out without repeating k/v and needs no mask; its bf16
-    # output then costs o_proj's adapter a fp32 copy.
+    # FlashAttention-2 saves q/k/v/out without repeating k/v and needs no mask.
     fa2 = dataclasses.replace(cfg, attn_implementation="flash_attention_2")
     assert (layer_activation_bytes_per_token(fa2, shape, T)
-            == expected - 4 * 4 * q - T * 4 + 2 * (2 * q + 2 * 256) + 4 * q)
+            == expected - 2 * 4 * q - T * 2 + 2 * (2 * q + 2 * 256))
 
 
 def test_full_fine_tuning_counts_every_weight():

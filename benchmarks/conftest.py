@@ -1,6 +1,6 @@
 """Benchmark collection and result recording.
 
-Benchmarks live in `bench_*.py` files, which the default `test_*.py` pattern does not match,
+Benchmarks live in `bench_*.py` files (collected through `python_files` in pyproject.toml),
 and the repo's `testpaths = ["tests"]` keeps a plain `pytest` away from this directory. They
 run only when asked for:
 
@@ -21,12 +21,6 @@ import pytest
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
 
 
 def _cpu_model() -> str:

@@ -19,11 +19,12 @@ h hidden, i intermediate, q = heads x head_dim, kv = kv_heads x head_dim, a head
 r LoRA rank. Bytes: s activations ("stream"), w unquantized weights, l LoRA adapters (4).
 
 Precision, mirroring grpo_fast.modeling on a CUDA device (dtype auto = bfloat16):
-  * Quantized (4/8-bit): peft's `prepare_model_for_kbit_training` casts every unquantized
-    parameter (embeddings, LM head, norms, biases) to float32, so w = 4; the embedding output
-    starts the residual stream and every quantized linear returns its input's dtype, so s = 4
-    too. Not quantized: w = s = bytes of `dtype`.
-  * LoRA adapters stay float32 (peft's autocast_adapter_dtype), l = 4.
+  * w = s = bytes of `dtype`, quantized or not: for 4/8-bit, grpo_fast.modeling only freezes
+    the base (no peft `prepare_model_for_kbit_training`, which would upcast every unquantized
+    parameter and with it the whole residual stream to float32), so embeddings, LM head, norms
+    and biases keep the model dtype, and every quantized linear returns its input's dtype.
+  * LoRA adapters stay float32 (peft's autocast_adapter_dtype), l = 4: with a bf16 stream peft
+    casts each adapted linear's input to fp32.
 
 Resident for the whole run:
   * Base weights. NF4/FP4: 0.5 byte/param + one absmax per 64-weight block: fp32 (4/64 byte
@@ -49,10 +50,12 @@ in the next):
     prompt tokens + one layer's working set) and the last decode step (full cache + a copy of
     one layer's k or v from DynamicCache's torch.cat + sampling: S x V x 4 bytes x 4 for the fp32
     logits and the temperature / top-p copies; generate computes logits for the last position
-    only). One layer's no-grad working set: n x s x (4h + 4i), measured with the CPU profiler
-    on a QLoRA model (residual, normed input, the gate/up outputs and SwiGLU product, and peft's
-    copies of each adapted output: the base output cast back to s, cloned, plus the LoRA term),
-    plus SDPA's float padding mask S x T^2 x s.
+    only). The no-grad forward's working set peaks in the last layer's up_proj adapter:
+    n x (4 s h + 2 s head_dim + 2 s i + 2 l i + l h) + S x T^2: the embedding output (the model
+    keeps it), the layer's input, the residual and the normed MLP input; RoPE's cos and sin; the
+    SiLU output and the base output's clone (peft's bitsandbytes layer clones it); the LoRA-B
+    output and its scaled copy; peft's cast of the input to l (none when s = l); the model's
+    boolean attention mask (none for FlashAttention-2). Matches the CPU profiler within 0.3%.
   * Scoring (no grad; online with beta > 0 or num_iterations > 1, offline with beta > 0): the
     reference / old-policy forward over the micro-batch: one layer's working set + the final
     hidden states n x s x h + the log-prob kernel.
@@ -76,7 +79,7 @@ in the next):
         MLP          3 x s x i               SiLU input, SiLU output, up projection
         + per sequence, per layer: SDPA's float padding mask T^2 x s; eager attention also the
           softmax probabilities a x T^2 x (4 + s).
-      For Qwen2.5-1.5B under QLoRA (s = 4, SDPA, T = 768) that is 196 KB per token per layer.
+      For Qwen2.5-1.5B under QLoRA (s = 2, SDPA, T = 768) that is 153 KB per token per layer.
       Without checkpointing: L x that. With gradient checkpointing (non-reentrant, per decoder
       layer): each layer keeps only its input, L x n x s x h, and one layer is recomputed during
       backward: + one layer's saved tensors. Both add the final norm's fp32 input, n x 4h.
@@ -103,7 +106,7 @@ others fixed) whose total fits the card; the total grows monotonically in each.
 
 Tests: tests/test_plan.py: the arithmetic on known shapes; the per-layer formula against the
 tensors autograd actually saves; the rollout and training phases against the CPU profiler's
-peak of a small QLoRA model (generation within 15%; training an upper bound within 25%).
+peak of a small QLoRA model (generation within 3%; training an upper bound within 25%).
 """
 
 from __future__ import annotations

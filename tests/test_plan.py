@@ -223,16 +223,16 @@ def _saved_bytes(model, batch) -> int:
     return total
 
 
-def _small_model(tmp_path, layers: int) -> str:
+def _small_model(tmp_path, layers: int, intermediate_size: int = 352) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from grpo_fast.modeling import build_byte_tokenizer
 
     # Qwen2 block with GQA (4 heads, 2 KV heads) so SDPA's k/v repeat is exercised.
-    config = AutoConfig.for_model("qwen2", vocab_size=259, hidden_size=128, intermediate_size=352,
+    config = AutoConfig.for_model("qwen2", vocab_size=259, hidden_size=128, intermediate_size=intermediate_size,
                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                   max_position_embeddings=256, tie_word_embeddings=True)
-    path = tmp_path / f"qwen2-{layers}"
+    path = tmp_path / f"qwen2-{layers}-{intermediate_size}"
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     build_byte_tokenizer().save_pretrained(path)
@@ -240,7 +240,7 @@ def _small_model(tmp_path, layers: int) -> str:
 
 
 @pytest.mark.parametrize("quantization, dtype", [({"load_in_4bit": True}, "bfloat16"), ({}, "bfloat16")],
-                         ids=["qlora-fp32-stream", "lora-bf16"])
+                         ids=["qlora-bf16", "lora-bf16"])
 def test_layer_formula_matches_autograd_saved_tensors(tmp_path, quantization, dtype):
     """The per-layer term, measured as the difference between a 3-layer and a 1-layer model."""
     from grpo_fast.modeling import load_model_and_tokenizer
@@ -280,12 +280,22 @@ def _profiled_peak(fn) -> int:
     return peak
 
 
-def test_generation_estimate_matches_the_cpu_profiler(tmp_path):
-    """KV cache + prefill working set of a real QLoRA generate, measured by the profiler."""
+@pytest.mark.parametrize("intermediate_size", [352, 704])
+def test_generation_estimate_matches_the_cpu_profiler(tmp_path, intermediate_size):
+    """KV cache + prefill working set of a real QLoRA generate, measured by the profiler.
+
+    Two MLP widths, because an earlier calibration (fp32 stream) did not follow the width: that
+    was the formula, not the profiler. `_profiled_peak` agrees with the raw allocation timeline
+    (the profiler's `[memory]` events) to a few bytes here, and with bf16 weights the formula
+    matches it within 0.3% for MLP widths 176-1024, hidden 128 and 256, fp32 and bf16, quantized
+    or not (the rest: position ids and mask bookkeeping). What it cannot see: an op's own frees
+    are placed at the op's start, so a transient inside one op (bitsandbytes' dequantized
+    weight inside gemm_4bit) never shows; the plan counts that buffer as resident."""
     from grpo_fast.modeling import load_model_and_tokenizer
 
     S, P, C = 8, 48, 8
-    cfg = config_from_dict({"mode": "online", "model_path": _small_model(tmp_path, 2), "dtype": "bfloat16",
+    cfg = config_from_dict({"mode": "online", "model_path": _small_model(tmp_path, 2, intermediate_size),
+                            "dtype": "bfloat16",
                             "attn_implementation": "sdpa", "batch_size": 1, "quantization": {"load_in_4bit": True},
                             "online": {"dataset_name": "unused", "num_generations": S,
                                        "max_prompt_length": P, "max_completion_length": C}})
@@ -302,7 +312,7 @@ def test_generation_estimate_matches_the_cpu_profiler(tmp_path):
         assert out.shape == (S, P + C)
 
     plan = estimate(cfg, model_shape(cfg.model_path))
-    assert _profiled_peak(generate) == pytest.approx(plan.generation, rel=0.15)
+    assert _profiled_peak(generate) == pytest.approx(plan.generation, rel=0.03)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])

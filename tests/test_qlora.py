@@ -89,12 +89,24 @@ def test_4bit_load_quantizes_the_decoder_but_not_the_lm_head(base_dir):
         assert module.compute_dtype == torch.bfloat16
     head = model.get_output_embeddings()
     assert type(head) is torch.nn.Linear and not isinstance(head, bnb.nn.Linear4bit)
-    assert head.weight.is_floating_point() and not head.weight.requires_grad
+    assert head.weight.dtype == torch.bfloat16 and not head.weight.requires_grad
+    # The base is only frozen (no prepare_model_for_kbit_training): every unquantized weight
+    # (embeddings, LM head, norms) keeps the model dtype, nothing of the base trains, and only
+    # peft's adapters (fp32) do.
+    adapters = lora_params(model)
+    unquantized = {n: p for n, p in model.named_parameters()
+                   if n not in adapters and not isinstance(p, bnb.nn.Params4bit)}
+    assert unquantized and {p.dtype for p in unquantized.values()} == {torch.bfloat16}
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n not in adapters)
+    assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters.values())
     # The planner's precision assumptions (grpo_fast.plan.precision) hold for this load path:
-    # the dtype of the unquantized embeddings / LM head, and fp32 adapters.
+    # the dtype of the unquantized embeddings / LM head and of the stream, and fp32 adapters.
     expected = plan.precision(cfg)
-    assert model.get_input_embeddings().weight.element_size() == expected.weight
-    assert {p.element_size() for p in lora_params(model).values()} == {expected.lora}
+    assert model.get_input_embeddings().weight.element_size() == expected.weight == expected.stream == 2
+    assert {p.element_size() for p in adapters.values()} == {expected.lora}
+    with torch.no_grad():
+        hidden = model(input_ids=batch()[0], output_hidden_states=True).hidden_states
+    assert {h.dtype for h in hidden} == {torch.bfloat16}
 
 
 def test_quantized_forward_tracks_the_full_precision_model(base_dir):

@@ -308,6 +308,8 @@ def step_config(model_dir: Path, data: Path, out: Path, sizes: Sizes, tiny: bool
     online = cfg["online"]
     for key in ("dataset_name", "dataset_config", "dataset_split"):
         online.pop(key, None)
+    # Random token prompts: no chat template to render them with.
+    online.update(chat_template=False, system_prompt=None)
     online.update(prompt_column="prompt", num_generations=sizes.num_generations,
                   max_prompt_length=sizes.prompt_tokens, max_completion_length=sizes.completion_tokens,
                   rewards=[{"name": "gpu_suite:varied_reward"}], log_completions_steps=0, eval_steps=0)

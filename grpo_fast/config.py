@@ -144,6 +144,9 @@ class Config:
     report_to: Literal["none", "tensorboard"] = "none"
     # Weights dtype. "auto" = bfloat16 on a GPU that supports it, else float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Autocast the forward/backward to bf16/fp16 while master weights and optimizer states stay
+    # fp32 (for dtype float32 weights; fp16 adds dynamic loss scaling).
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     # Log-prob backend of grpo_fast.kernels: auto = fused Triton on CUDA, chunked on CPU.
@@ -260,6 +263,8 @@ def validate(cfg: Config) -> Config:
                 "online.epsilon_low", "online.epsilon_high"):
         value = _get(cfg, key)
         _check(math.isfinite(value) and value >= 0, key, f"must be >= 0, got {value}")
+    _check(cfg.mixed_precision == "no" or cfg.dtype in ("float32", "auto"), "mixed_precision",
+           f"needs float32 master weights (dtype: float32), got dtype: {cfg.dtype}")
     _check(cfg.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {cfg.cpu_threads}")
     _check(cfg.num_epochs > 0 or cfg.max_steps > 0, "num_epochs", "must be > 0 (or set max_steps)")
     _check(0.0 <= cfg.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio}")

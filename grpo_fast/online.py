@@ -166,6 +166,8 @@ class OnlineTrainer:
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=math.ceil(cfg.warmup_ratio * updates),
                                        num_training_steps=updates)
+        # Dynamic loss scaling keeps fp16 gradients from underflowing; disabled it passes through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         if resume_dir:
             self.load_checkpoint(Path(resume_dir))
         self.stream = PromptStream(len(self.prompts), cfg.seed, self.state.prompts_consumed)
@@ -176,7 +178,7 @@ class OnlineTrainer:
             except ImportError:
                 raise ConfigError("report_to: tensorboard needs the tensorboard package "
                                   "(pip install 'grpo-fast[tensorboard]')") from None
-
+            self.writer = SummaryWriter(cfg.logging_dir or str(self.out / "runs"))
 
     # ---------------------------------------------------------------------------------------
     # One step
@@ -185,12 +187,21 @@ class OnlineTrainer:
     def generate(self, prompts: list[str]) -> Rollout:
         return rollout(self.cfg, self.model, self.tokenizer, self.eos_ids, prompts)
 
+    def autocast(self):
+        """bf16/fp16 autocast of the log-prob forwards (mixed_precision); a no-op with "no"."""
+        mp = self.cfg.mixed_precision
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16,
+                              enabled=mp != "no")
+
     def completion_logps(self, model, roll: Rollout) -> tuple[Tensor, Tensor]:
-        return completion_logps(model, roll, temperature=self.o.temperature, backend=self.cfg.logprob_backend)
+        with self.autocast():
+            return completion_logps(model, roll, temperature=self.o.temperature,
+                                    backend=self.cfg.logprob_backend)
 
     def reference_logps(self, roll: Rollout) -> Tensor:
-        return reference_logps(self.model, self.ref_model, roll, temperature=self.o.temperature,
-                               backend=self.cfg.logprob_backend)
+        with self.autocast():
+            return reference_logps(self.model, self.ref_model, roll, temperature=self.o.temperature,
+                                   backend=self.cfg.logprob_backend)
 
     def step(self, records: list[dict]) -> tuple[dict[str, float], dict]:
         """One GRPO step on `records` (batch_size x gradient_accumulation_steps prompt records).
@@ -249,14 +260,16 @@ class OnlineTrainer:
                 # whole step's token count, so its micro-batch losses simply add up.
                 if o.loss_type != "dapo":
                     loss = loss / ga
-                loss.backward()
+                self.scaler.scale(loss).backward()
                 loss_sum += loss.detach()
                 entropy_sum += (entropy * roll.completion_mask).sum()
                 loss_metrics.append(metrics)
+            self.scaler.unscale_(self.optimizer)
             grad_norms.append(torch.nn.utils.clip_grad_norm_(
                 self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
             learning_rate = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # skips the update on inf/NaN gradients (fp16)
+            self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         # Entropy (and the clip ratios) describe the completions trained on.

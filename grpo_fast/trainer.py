@@ -85,9 +85,8 @@ def training_arguments(cfg: Config, **overrides: Any) -> TrainingArguments:
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        # Mixed precision only when the weights are fp32 on a GPU; bf16/fp16 weights run as they are.
-        bf16=False,
-        fp16=False,
+        bf16=cfg.mixed_precision == "bf16",
+        fp16=cfg.mixed_precision == "fp16",
         use_cpu=not on_cuda,
         remove_unused_columns=False,
         dataloader_pin_memory=on_cuda,

@@ -423,3 +423,15 @@ def test_char_match():
     ids = [[99, 97, 98, 256, 256], [99, 97, 98, 258]]
     assert char_match([""] * 2, ["cab", "cab"], answer=["cab"] * 2, completion_ids=ids,
                       terminated=[False, True]) == pytest.approx([0.6, 1.0])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_trains(prompts_file, tmp_path, rank_reward, precision):
+    """Autocast forwards with fp32 master weights: a step runs, stays finite and moves weights."""
+    cfg = make_cfg(prompts_file, tmp_path, mixed_precision=precision, online={"rewards": rank_reward})
+    trainer = OnlineTrainer(cfg)
+    before = [p.detach().clone() for p in trainer.trainable]
+    metrics, _ = trainer.step(trainer.prompts[:2])
+    assert all(p.dtype == torch.float32 for p in trainer.trainable)
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trainable))

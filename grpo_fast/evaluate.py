@@ -39,15 +39,12 @@ def offline_seq_logps(cfg: Config, model, dataset, batch_size: int) -> tuple[tor
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
-        sel = batch["group_mask"]                                          # (B, k)
-        seq = logprobs.sequence_logprobs(
-            model, batch["input_ids"][sel], batch["attention_mask"][sel], batch["completion_mask"][sel],
-            normalize=cfg.offline.length_normalize, backend=cfg.logprob_backend)
-        out = torch.zeros(sel.shape, dtype=torch.float32, device=device).masked_scatter(sel, seq.float())
-        pad = K - sel.shape[1]
-        all_logps.append(torch.nn.functional.pad(out, (0, pad)).cpu())
+        seq = logprobs.group_logprobs(model, batch, normalize=cfg.offline.length_normalize,
+                                      backend=cfg.logprob_backend)        # (B, k)
+        pad = K - seq.shape[1]                                             # groups differ in size
+        all_logps.append(torch.nn.functional.pad(seq.float(), (0, pad)).cpu())
         all_scores.append(torch.nn.functional.pad(batch["scores"], (0, pad)).cpu())
-        all_masks.append(torch.nn.functional.pad(sel, (0, pad)).cpu())
+        all_masks.append(torch.nn.functional.pad(batch["group_mask"], (0, pad)).cpu())
     return torch.cat(all_logps), torch.cat(all_scores), torch.cat(all_masks)
 
 

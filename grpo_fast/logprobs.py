@@ -194,3 +194,15 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     logps = logps.masked_scatter(sel, logp_sel)
     entropy = entropy.masked_scatter(sel, ent_sel.detach())
     return logps, entropy
+
+
+def group_logprobs(model, batch: dict[str, torch.Tensor], *, normalize: bool = False,
+                   backend: str = "auto") -> torch.Tensor:
+    """Sequence log-probs (B, K) of a padded batch of groups (grpo_fast.data.GroupCollator);
+    padded group slots (group_mask False) are never run and read 0."""
+    sel = batch["group_mask"].bool()                                     # (B, K)
+    seq = sequence_logprobs(model, batch["input_ids"][sel], batch["attention_mask"][sel],
+                            batch["completion_mask"][sel], normalize=normalize,
+                            backend=backend)                             # (n,) valid completions
+    out = torch.zeros(sel.shape, dtype=seq.dtype, device=seq.device)
+    return out.masked_scatter(sel, seq)                                  # (B, K)

@@ -126,19 +126,8 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
         self._init_metrics()
 
     def group_logprobs(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sequence log-probs (B, K) of every completion; padded group slots are never run."""
-        group_mask = inputs["group_mask"]                                  # (B, K)
-        sel = group_mask.bool()
-        seq = logprobs.sequence_logprobs(
-            model,
-            inputs["input_ids"][sel],                                      # (n, T) valid completions
-            inputs["attention_mask"][sel],
-            inputs["completion_mask"][sel],
-            normalize=self.cfg.offline.length_normalize,
-            backend=self.cfg.logprob_backend,
-        )                                                                  # (n,)
-        out = torch.zeros(group_mask.shape, dtype=seq.dtype, device=seq.device)
-        return out.masked_scatter(sel, seq)                                # (B, K)
+        return logprobs.group_logprobs(model, inputs, normalize=self.cfg.offline.length_normalize,
+                                       backend=self.cfg.logprob_backend)  # (B, K)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         off = self.cfg.offline

@@ -93,6 +93,10 @@ class OnlineConfig:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     # mu: optimisation passes over each generated batch; > 1 stores old log-probs.
     num_iterations: int = 1
+    # Log-prob forwards run each distinct prompt once and its G completions against its KV
+    # cache (logprobs.shared_prompt_logprobs): exact, and it saves (G-1)/G of the prompt's
+    # compute and activations. Off under gradient checkpointing, which disables HF's KV cache.
+    shared_prompt: bool = True
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="math_answer")])
     # Prompt datasets from the hub (needs internet) instead of dataset_path.
     dataset_name: Optional[str] = None

@@ -196,12 +196,12 @@ class OnlineTrainer:
     def completion_logps(self, model, roll: Rollout) -> tuple[Tensor, Tensor]:
         with self.autocast():
             return completion_logps(model, roll, temperature=self.o.temperature,
-                                    backend=self.cfg.logprob_backend)
+                                    backend=self.cfg.logprob_backend, shared_prompt=self.o.shared_prompt)
 
     def reference_logps(self, roll: Rollout) -> Tensor:
         with self.autocast():
             return reference_logps(self.model, self.ref_model, roll, temperature=self.o.temperature,
-                                   backend=self.cfg.logprob_backend)
+                                   backend=self.cfg.logprob_backend, shared_prompt=self.o.shared_prompt)
 
     def step(self, records: list[dict]) -> tuple[dict[str, float], dict]:
         """One GRPO step on `records` (batch_size x gradient_accumulation_steps prompt records).
@@ -418,10 +418,17 @@ class OnlineTrainer:
         logger.info("resumed from %s at step %d of %d", ckpt, self.state.step, self.total_steps)
 
 
-def completion_logps(model, roll: Rollout, *, temperature: float = 1.0,
-                     backend: str = "auto") -> tuple[Tensor, Tensor]:
+def completion_logps(model, roll: Rollout, *, temperature: float = 1.0, backend: str = "auto",
+                     shared_prompt: bool = True) -> tuple[Tensor, Tensor]:
     """Per-token log-probs and entropies (N, C) of the completion tokens, zero after EOS. Pass
-    the sampling temperature, so they describe the distribution that was sampled."""
+    the sampling temperature, so they describe the distribution that was sampled.
+
+    `shared_prompt` runs each distinct prompt once (logprobs.shared_prompt_logprobs), unless the
+    model checkpoints gradients (HF then refuses the KV cache it needs)."""
+    if shared_prompt and not checkpoints_activations(model):
+        return logprobs.shared_prompt_logprobs(
+            model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
+            temperature=temperature, backend=backend)                                  # (N, C) x2
     logps, entropy = logprobs.token_logprobs(
         model, roll.input_ids, roll.attention_mask, roll.loss_mask, temperature=temperature,
         backend=backend, position_ids=roll.position_ids)                             # (N, P+C-1) x2
@@ -430,16 +437,23 @@ def completion_logps(model, roll: Rollout, *, temperature: float = 1.0,
     return logps[:, start:], entropy[:, start:]                                       # (N, C) x2
 
 
+def checkpoints_activations(model) -> bool:
+    """Whether the model recomputes activations in backward (transformers 5 renamed the flag)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
 @torch.no_grad()
 def reference_logps(model, ref_model, roll: Rollout, *, temperature: float = 1.0,
-                    backend: str = "auto") -> Tensor:
+                    backend: str = "auto", shared_prompt: bool = True) -> Tensor:
     """(N, C) log-probs under the reference policy: `ref_model` (the frozen copy of full
     fine-tuning) when given, else `model` (a PeftModel) with its LoRA adapter switched off, which
     needs no second copy of the weights."""
+    kwargs = dict(temperature=temperature, backend=backend, shared_prompt=shared_prompt)
     if ref_model is not None:
-        return completion_logps(ref_model, roll, temperature=temperature, backend=backend)[0]
+        return completion_logps(ref_model, roll, **kwargs)[0]
     with model.disable_adapter():
-        return completion_logps(model, roll, temperature=temperature, backend=backend)[0]
+        return completion_logps(model, roll, **kwargs)[0]
 
 
 def informative_rows(roll: Rollout, advantages: Tensor) -> tuple[Rollout, Tensor]:

@@ -2,14 +2,15 @@
 
 Both systems start from the shipped warm-start (examples/arithmetic/sft-30) with the settings of
 configs/arithmetic-grpo.yaml: full fine-tuning, AdamW lr 3e-5 (constant), 8 prompts x G = 8
-completions per step, max_completion_length 5, temperature 1.0, beta 0, loss_type dapo, one torch
-thread. TRL gets an equivalent reward: its `completion_ids` keyword holds each completion up to
-and including EOS, so "terminated" is "the last id is EOS", and the text is compared like
-grpo-fast's `exact_match` (stripped completion == answer). Both are evaluated by the same function
+completions per step, max_completion_length 5, temperature 1.0, beta 0, loss_type dapo, the
+config's `cpu_threads` torch threads for both (`--threads` overrides). TRL gets an equivalent
+reward: its `completion_ids` keyword holds each completion up to and including EOS, so
+"terminated" is "the last id is EOS", and the text is compared like grpo-fast's `exact_match`
+(stripped completion == answer). Both are evaluated by the same function
 (`grpo_fast.online.greedy_eval`, greedy exact match on the 200 held-out prompts) every
 `--eval-every` seconds of training time; the clock stops while evaluating, for both.
 
-    python benchmarks/bench_learning.py [--minutes 8] [--eval-every 15] [--skip-trl]
+    python benchmarks/bench_learning.py [--minutes 8] [--eval-every 15] [--threads N] [--skip-trl]
 
 writes benchmarks/results/learning-cpu.json (both curves, steps/s, time to 0.80 and 0.90, machine,
 load average, date) and benchmarks/results/learning-cpu.png. The systems run one after the other,
@@ -202,7 +203,9 @@ def plot(results: dict, path: Path) -> None:
         ax.axhline(target, color="grey", lw=0.6, ls="--")
     ax.set_xlabel("GRPO training wall time, s (evaluation excluded)")
     ax.set_ylabel("held-out greedy exact match (200 prompts)")
-    ax.set_title(f"Arithmetic GRPO from sft-30, 1 thread, load avg {results['runs_load']}")
+    threads = results["machine"]["torch_threads"]
+    ax.set_title(f"Arithmetic GRPO from sft-30, {threads} thread{'s' if threads > 1 else ''}, "
+                 f"load avg {results['runs_load']}")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -211,8 +214,9 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_all(minutes: float, eval_every: float, skip_trl: bool, max_steps: Optional[int] = None) -> dict:
-    torch.set_num_threads(1)
+def run_all(minutes: float, eval_every: float, skip_trl: bool, max_steps: Optional[int] = None,
+            threads: Optional[int] = None) -> dict:
+    torch.set_num_threads(threads or load_config(str(CONFIG)).cpu_threads or os.cpu_count())
     seconds = minutes * 60
     runs = {"grpo-fast": run_grpo_fast(seconds, eval_every, max_steps)}
     if not skip_trl:
@@ -231,9 +235,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=8.0, help="training wall time per system")
     parser.add_argument("--eval-every", type=float, default=15.0, help="seconds of training between evals")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both systems (default: the config's cpu_threads)")
     parser.add_argument("--skip-trl", action="store_true")
     args = parser.parse_args()
-    results = run_all(args.minutes, args.eval_every, args.skip_trl)
+    results = run_all(args.minutes, args.eval_every, args.skip_trl, threads=args.threads)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "learning-cpu.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, RESULTS / "learning-cpu.png")

@@ -18,6 +18,11 @@ n_c = S x completion tokens (the tokens whose log-probs are scored; offline: all
 h hidden, i intermediate, q = heads x head_dim, kv = kv_heads x head_dim, a heads, V vocab,
 r LoRA rank. Bytes: s activations ("stream"), w unquantized weights, l LoRA adapters (4).
 
+Online log-prob forwards run each distinct prompt once by default (`online.shared_prompt`):
+the prompt's layers then work on batch_size x P tokens instead of S x P, while attention still
+saves S x T keys and values. The planner counts the unshared forward (n tokens everywhere), an
+upper bound: sharing lowers the training and scoring phases, never raises them.
+
 Precision, mirroring grpo_fast.modeling on a CUDA device (dtype auto = bfloat16):
   * w = s = bytes of `dtype`, quantized or not: for 4/8-bit, grpo_fast.modeling only freezes
     the base (no peft `prepare_model_for_kbit_training`, which would upcast every unquantized

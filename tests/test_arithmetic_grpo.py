@@ -49,5 +49,5 @@ def test_eval_cli_scores_the_warm_start(tmp_path, capsys):
     assert main(["eval", "--config", CONFIG, *(a for p in PATHS for a in ("--set", p)),
                  "--output", str(out)]) == 0
     (metrics,) = json.loads(out.read_text())["results"].values()
-    assert metrics["accuracy"] == pytest.approx(0.335, abs=0.01)      # 67 of the 200 held-out prompts
+    assert metrics["accuracy"] == pytest.approx(0.34, abs=0.01)       # 68 of the 200 held-out prompts
     assert "accuracy" in capsys.readouterr().out

@@ -148,35 +148,55 @@ def sample_completions(model, prompt_ids: Tensor, prompt_mask: Tensor, *, num_ge
 
     The prompts go through the model once, not G times: their KV cache and next-token logits
     are then repeated G times (the prompt is most of the work when completions are short). Then
-    one forward per new token. A row that has emitted EOS continues with `pad_id`; decoding stops
-    once every row has. Positions count from each row's first real token, as in `generate`."""
+    one forward per new token. A row that has emitted EOS reads `pad_id` from then on; decoding
+    stops once every row has. Positions count from each row's first real token, as in `generate`.
+
+    Finished rows leave the batch: once a quarter of the rows still being decoded have emitted
+    EOS, the KV cache, mask and positions keep only the others (one gather of the cache, so it
+    is not done for every row that finishes). Completion lengths vary widely in GRPO, and
+    `generate` runs every row until the longest ends. Sampling still draws over all B*G rows,
+    finished ones as a certain pad, so the random stream, and with it every sample, is what
+    `generate` draws from the same seed (tests/test_online.py)."""
     eos = torch.tensor(list(eos_ids), device=prompt_ids.device)
     position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)                           # (B, P)
     logits, cache = _next_token_logits(model, prompt_ids, prompt_mask, position_ids, None)  # (B, V)
     if num_generations > 1:
         cache.batch_repeat_interleave(num_generations)
         logits = logits.repeat_interleave(num_generations, dim=0)                         # (N, V)
-    attention_mask = prompt_mask.repeat_interleave(num_generations, dim=0)                # (N, P)
-    position_ids = position_ids[:, -1:].repeat_interleave(num_generations, dim=0)         # (N, 1)
-    unfinished = torch.ones(logits.size(0), dtype=torch.bool, device=logits.device)       # (N,)
-    tokens = []
+    N, V = logits.shape
+    attention_mask = prompt_mask.repeat_interleave(num_generations, dim=0)                # (A, P)
+    position_ids = position_ids[:, -1:].repeat_interleave(num_generations, dim=0)         # (A, 1)
+    rows = torch.arange(N, device=logits.device)                # (A,) output row of each batch row
+    alive = torch.ones(N, dtype=torch.bool, device=logits.device)                         # (A,)
+    tokens = torch.full((N, max_completion_length), pad_id, dtype=torch.long, device=logits.device)
     for step in range(max_completion_length):
         if greedy:
-            next_ids = logits.argmax(dim=-1)
+            next_ids = logits.argmax(dim=-1)                                              # (A,)
         else:
+            if rows.numel() < N:
+                # Rows gone from the batch are a certain pad: same draws as generate's full batch.
+                full = logits.new_full((N, V), -math.inf)
+                full[:, pad_id] = 0.0
+                logits = full.index_copy_(0, rows, logits)                                # (N, V)
             probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
-            next_ids = torch.multinomial(probs, num_samples=1).squeeze(1)                # (N,)
-        next_ids = torch.where(unfinished, next_ids, pad_id)
-        tokens.append(next_ids)
-        unfinished &= ~torch.isin(next_ids, eos)
+            next_ids = torch.multinomial(probs, num_samples=1).squeeze(1)[rows]          # (A,)
+        next_ids = torch.where(alive, next_ids, pad_id)
+        tokens[rows, step] = next_ids
+        alive &= ~torch.isin(next_ids, eos)
         # One host sync per token, as generate's stopping check: on CPU it is free, and on a GPU
-        # the forwards it saves once every row has stopped outweigh it.
-        if step == max_completion_length - 1 or not unfinished.any():
+        # the forwards it saves outweigh it.
+        done = rows.numel() - int(alive.sum())
+        if step == max_completion_length - 1 or done == rows.numel():
             break
+        if 4 * done >= rows.numel():
+            keep = alive.nonzero().squeeze(1)                                             # (A',)
+            cache.batch_select_indices(keep)
+            rows, alive, next_ids = rows[keep], alive[keep], next_ids[keep]
+            attention_mask, position_ids = attention_mask[keep], position_ids[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
         position_ids = position_ids + 1
         logits, cache = _next_token_logits(model, next_ids[:, None], attention_mask, position_ids, cache)
-    return torch.stack(tokens, dim=1)                                                     # (N, C)
+    return tokens[:, :step + 1]                                                           # (N, C)
 
 
 @torch.no_grad()

@@ -6,10 +6,12 @@ accumulation, the training loop's metrics, checkpoints and --resume, reward erro
 
 import json
 import math
+from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
 from grpo_fast import online, rewards
 from grpo_fast.config import ConfigError, config_from_dict
@@ -128,19 +130,25 @@ def test_completion_mask_stops_after_first_eos(tiny, monkeypatch):
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert terminated.tolist() == [True, False, True]
 
-    # Through generate_completions: a row finished at EOS continues with pad, and decoding stops
-    # once every row has finished (before max_completion_length).
+    # Through generate_completions: a row finished at EOS reads pad from then on and leaves the
+    # decoding batch, and decoding stops once every row has finished (before
+    # max_completion_length). Each entry is one forward's next tokens, for the rows it runs.
     prompt = tok("x=")["input_ids"]
-    rows = iter([[97, 97], [eos, 98], [pad, eos]])
+    rows = iter([[97], [eos, 98], [eos]])
+    kept = []
 
     class Cache:
         def batch_repeat_interleave(self, repeats):
             pass
 
+        def batch_select_indices(self, indices):
+            kept.append(indices.tolist())
+
     def scripted(model, input_ids, *args):
-        n = input_ids.size(0)        # the prompt pass runs once for the G rows: n = 1
-        logits = torch.full((n, model.config.vocab_size), -1e9)
-        logits[range(n), next(rows)[:n]] = 0.0
+        step = next(rows)
+        assert input_ids.size(0) == len(step)   # the prompt pass runs once for the G rows
+        logits = torch.full((len(step), model.config.vocab_size), -1e9)
+        logits[range(len(step)), step] = 0.0
         return logits, Cache()
 
     monkeypatch.setattr(rollout_module, "_next_token_logits", scripted)
@@ -151,6 +159,7 @@ def test_completion_mask_stops_after_first_eos(tiny, monkeypatch):
     assert roll.completion_ids.tolist() == [[97, eos, pad], [97, 98, eos]]
     assert roll.texts == ["a", "ab"] and roll.terminated.tolist() == [True, True]
     assert roll.lengths.tolist() == [2, 3]
+    assert kept == [[1]]      # row 0 left the batch after its EOS
 
 
 @pytest.mark.parametrize("sampling", [None, {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
@@ -435,3 +444,33 @@ def test_mixed_precision_step_trains(prompts_file, tmp_path, rank_reward, precis
     assert all(p.dtype == torch.float32 for p in trainer.trainable)
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trainable))
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_sampler_drops_finished_rows_and_still_matches_hf_generate(greedy):
+    """On the arithmetic warm-start, whose answers end in EOS after 2-4 tokens, rows leave the
+    decoding batch as they finish; the tokens are still exactly generate's, greedy and sampled
+    from the same seed (finished rows keep their place in the random stream)."""
+    sft = Path(__file__).resolve().parents[1] / "examples" / "arithmetic" / "sft-30"
+    model = AutoModelForCausalLM.from_pretrained(sft).eval()
+    tok = AutoTokenizer.from_pretrained(sft)
+    prompts = [f"{a}+{b}=" for a, b in [(3, 4), (45, 67), (99, 99), (12, 30), (8, 91), (50, 50)]]
+    prompt_ids, prompt_mask = tokenize_prompts(tok, prompts, 8, torch.device("cpu"))
+    G = 1 if greedy else 6
+    eos = [tok.eos_token_id]
+    config = GenerationConfig(do_sample=not greedy, max_new_tokens=5, num_beams=1, temperature=1.0,
+                              top_k=0 if not greedy else 50, top_p=1.0, eos_token_id=eos,
+                              pad_token_id=tok.pad_token_id)
+    torch.manual_seed(3)
+    expected = model.generate(input_ids=prompt_ids.repeat_interleave(G, 0),
+                              attention_mask=prompt_mask.repeat_interleave(G, 0),
+                              generation_config=config)[:, prompt_ids.size(1):]
+    kept = []
+    real_select = DynamicCache.batch_select_indices
+    with patch.object(DynamicCache, "batch_select_indices",
+                      lambda self, indices: kept.append(len(indices)) or real_select(self, indices)):
+        torch.manual_seed(3)
+        got = sample_completions(model, prompt_ids, prompt_mask, num_generations=G, max_completion_length=5,
+                                 eos_ids=eos, pad_id=tok.pad_token_id, greedy=greedy, temperature=1.0)
+    assert kept and kept[-1] < len(prompts) * G       # the batch did shrink
+    assert torch.equal(got, expected[:, :got.size(1)]) and (expected[:, got.size(1):] == tok.pad_token_id).all()

@@ -40,7 +40,8 @@ def offline_seq_logps(cfg: Config, model, dataset, batch_size: int) -> tuple[tor
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
         seq = logprobs.group_logprobs(model, batch, normalize=cfg.offline.length_normalize,
-                                      backend=cfg.logprob_backend)        # (B, k)
+                                      backend=cfg.logprob_backend,
+                                      shared_prompt=cfg.offline.shared_prompt)  # (B, k)
         pad = K - seq.shape[1]                                             # groups differ in size
         all_logps.append(torch.nn.functional.pad(seq.float(), (0, pad)).cpu())
         all_scores.append(torch.nn.functional.pad(batch["scores"], (0, pad)).cpu())

@@ -252,13 +252,50 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     return logps.masked_scatter(sel, logp_sel), entropy.masked_scatter(sel, ent_sel.detach())
 
 
+def checkpoints_activations(model) -> bool:
+    """Whether the model recomputes activations in backward (transformers 5 renamed the flag)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
+def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
+    """Right-padded (N, T) prompt + completion rows -> left-padded prompts (N, P) with their mask
+    and right-padded completions (N, C) with theirs: the layout `shared_prompt_logprobs` takes.
+    A row's completion starts at its first completion_mask column; None when a row has no
+    prompt token left there (truncation), whose first token nothing could predict."""
+    N, T = input_ids.shape
+    starts = completion_mask.int().argmax(dim=1)                                      # (N,)
+    ends = attention_mask.sum(dim=1)                                                  # (N,)
+    if bool((starts == 0).any()):
+        return None
+    P, C = int(starts.max()), int((ends - starts).max())
+    src = starts[:, None] - P + torch.arange(P, device=input_ids.device)              # (N, P)
+    prompt_mask = (src >= 0).long()
+    prompt_ids = torch.where(prompt_mask.bool(), input_ids.gather(1, src.clamp(min=0)), 0)
+    cols = starts[:, None] + torch.arange(C, device=input_ids.device)                 # (N, C)
+    inside = cols < ends[:, None]
+    cols = cols.clamp(max=T - 1)
+    completion_ids = torch.where(inside, input_ids.gather(1, cols), 0)
+    completion = (inside & completion_mask.gather(1, cols).bool()).long()
+    return prompt_ids, prompt_mask, completion_ids, completion
+
+
 def group_logprobs(model, batch: dict[str, torch.Tensor], *, normalize: bool = False,
-                   backend: str = "auto") -> torch.Tensor:
+                   backend: str = "auto", shared_prompt: bool = False) -> torch.Tensor:
     """Sequence log-probs (B, K) of a padded batch of groups (grpo_fast.data.GroupCollator);
-    padded group slots (group_mask False) are never run and read 0."""
+    padded group slots (group_mask False) are never run and read 0.
+
+    `shared_prompt` runs a group's prompt once for its K completions (`shared_prompt_logprobs`),
+    unless the model checkpoints gradients or a row's prompt was truncated away entirely."""
     sel = batch["group_mask"].bool()                                     # (B, K)
-    seq = sequence_logprobs(model, batch["input_ids"][sel], batch["attention_mask"][sel],
-                            batch["completion_mask"][sel], normalize=normalize,
-                            backend=backend)                             # (n,) valid completions
+    ids, attn, comp = batch["input_ids"][sel], batch["attention_mask"][sel], batch["completion_mask"][sel]
+    rows = split_rows(ids, attn, comp) if shared_prompt and not checkpoints_activations(model) else None
+    if rows is None:
+        seq = sequence_logprobs(model, ids, attn, comp, normalize=normalize, backend=backend)  # (n,)
+    else:
+        logps, _ = shared_prompt_logprobs(model, *rows, backend=backend)                  # (n, C)
+        seq = logps.sum(dim=1)
+        if normalize:
+            seq = seq / rows[3].sum(dim=1).clamp(min=1)
     out = torch.zeros(sel.shape, dtype=seq.dtype, device=seq.device)
     return out.masked_scatter(sel, seq)                                  # (B, K)

@@ -425,7 +425,7 @@ def completion_logps(model, roll: Rollout, *, temperature: float = 1.0, backend:
 
     `shared_prompt` runs each distinct prompt once (logprobs.shared_prompt_logprobs), unless the
     model checkpoints gradients (HF then refuses the KV cache it needs)."""
-    if shared_prompt and not checkpoints_activations(model):
+    if shared_prompt and not logprobs.checkpoints_activations(model):
         return logprobs.shared_prompt_logprobs(
             model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
             temperature=temperature, backend=backend)                                  # (N, C) x2
@@ -435,12 +435,6 @@ def completion_logps(model, roll: Rollout, *, temperature: float = 1.0, backend:
     # Column t scores input_ids[:, t+1]: the completion starts at column P-1.
     start = roll.prompt_ids.size(1) - 1
     return logps[:, start:], entropy[:, start:]                                       # (N, C) x2
-
-
-def checkpoints_activations(model) -> bool:
-    """Whether the model recomputes activations in backward (transformers 5 renamed the flag)."""
-    flag = getattr(model, "is_activation_checkpointing", None)
-    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
 
 
 @torch.no_grad()

@@ -127,7 +127,8 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
 
     def group_logprobs(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return logprobs.group_logprobs(model, inputs, normalize=self.cfg.offline.length_normalize,
-                                       backend=self.cfg.logprob_backend)  # (B, K)
+                                       backend=self.cfg.logprob_backend,
+                                       shared_prompt=self.cfg.offline.shared_prompt)  # (B, K)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         off = self.cfg.offline

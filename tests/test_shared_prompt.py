@@ -145,3 +145,68 @@ def test_gradient_checkpointing_falls_back_to_plain_forward(model, monkeypatch):
     with torch.no_grad():
         completion_logps(model, roll, backend="chunked", shared_prompt=True)
     assert calls == [1]
+
+
+def offline_batch(seed: int, truncate: bool = False) -> dict:
+    """GroupCollator's layout for 2 groups (K = 3 and 2) of right-padded prompt + completion
+    rows, prompts of 4 and 7 tokens; `truncate` cuts one row's prompt away entirely, as
+    tokenize_group's left truncation does to a completion longer than max_seq_length."""
+    g = torch.Generator().manual_seed(seed)
+    groups = [(4, [3, 6, 1]), (7, [5, 2])]
+    B, K, T = 2, 3, 13
+    batch = {"input_ids": torch.zeros(B, K, T, dtype=torch.long),
+             "attention_mask": torch.zeros(B, K, T, dtype=torch.long),
+             "completion_mask": torch.zeros(B, K, T, dtype=torch.long),
+             "group_mask": torch.zeros(B, K, dtype=torch.bool)}
+    for b, (p, completions) in enumerate(groups):
+        prompt = torch.randint(1, 256, (p,), generator=g)
+        for k, c in enumerate(completions):
+            batch["input_ids"][b, k, :p + c] = torch.cat([prompt, torch.randint(1, 256, (c,), generator=g)])
+            batch["attention_mask"][b, k, :p + c] = 1
+            batch["completion_mask"][b, k, p:p + c] = 1
+            batch["group_mask"][b, k] = True
+    if truncate:
+        batch["completion_mask"][1, 0, :5] = 1          # a completion filling the whole row
+    return batch
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["sum", "mean"])
+def test_offline_group_logprobs_shared_matches_plain(model, normalize):
+    batch = offline_batch(seed=6)
+    results = []
+    for shared in (True, False):
+        model.zero_grad(set_to_none=True)
+        seq = logprobs.group_logprobs(model, batch, normalize=normalize, backend="chunked",
+                                      shared_prompt=shared)                      # (B, K)
+        (seq * torch.tensor([[1.0, -0.5, 2.0], [0.3, 1.5, 0.0]])).sum().backward()
+        results.append((seq.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                       if p.requires_grad}))
+    (shared_seq, shared_grads), (plain_seq, plain_grads) = results
+    assert shared_seq[1, 2] == 0 and (shared_seq[batch["group_mask"]] != 0).all()
+    torch.testing.assert_close(shared_seq, plain_seq, atol=ATOL, rtol=0)
+    for name, grad in shared_grads.items():
+        scale = plain_grads[name].abs().max().clamp(min=1.0)
+        torch.testing.assert_close(grad, plain_grads[name], atol=ATOL * scale, rtol=1e-4, msg=name)
+
+
+def test_split_rows_layout_and_truncated_prompt_fallback(model):
+    batch = offline_batch(seed=7)
+    sel = batch["group_mask"]
+    ids, attn, comp = batch["input_ids"][sel], batch["attention_mask"][sel], batch["completion_mask"][sel]
+    prompt_ids, prompt_mask, completion_ids, completion_mask = logprobs.split_rows(ids, attn, comp)
+    assert prompt_ids.shape == (5, 7) and completion_ids.shape == (5, 6)
+    assert prompt_mask.sum(dim=1).tolist() == [4, 4, 4, 7, 7] and prompt_mask[:, -1].all()
+    assert completion_mask.sum(dim=1).tolist() == [3, 6, 1, 5, 2]
+    # Put back together, the rows are the original tokens.
+    for row in range(5):
+        joined = torch.cat([prompt_ids[row][prompt_mask[row].bool()], completion_ids[row][completion_mask[row].bool()]])
+        assert torch.equal(joined, ids[row][attn[row].bool()])
+    truncated = offline_batch(seed=7, truncate=True)
+    sel = truncated["group_mask"]
+    assert logprobs.split_rows(truncated["input_ids"][sel], truncated["attention_mask"][sel],
+                               truncated["completion_mask"][sel]) is None
+    # group_logprobs then runs the plain forward.
+    with torch.no_grad():
+        shared = logprobs.group_logprobs(model, truncated, backend="chunked", shared_prompt=True)
+        plain = logprobs.group_logprobs(model, truncated, backend="chunked", shared_prompt=False)
+    assert torch.equal(shared, plain)

@@ -15,7 +15,8 @@ against the padded forward by tests/test_packing.py.
 
 `shared_prompt_logprobs` scores GRPO's G completions of a prompt with the prompt run once, not
 G times: its KV cache is computed once per distinct prompt and indexed out to the completions,
-so autograd sums the G completions' gradients into it. Exact (tests/test_shared_prompt.py).
+so autograd sums the G completions' gradients into it: the same log-probs and gradients up to
+float rounding (tests/test_shared_prompt.py). `group_logprobs` does the same for offline groups.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ then left off).
 """
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 if os.environ.get("GRPO_FAST_TEST_CUDA") != "1":
@@ -20,3 +22,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Test models are tiny (hidden 64-128): intra-op threads only add spin-waiting, which on a busy
 # 2-core machine makes a training step many times slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_model():
+    """The shipped tiny Llama (configs/models/tiny-llama.json, random weights) with the default
+    LoRA adapter, SDPA attention, on CPU; one per test module. peft starts lora_B at zero, where
+    lora_A gets no gradient and the adapter changes nothing: both get a value here."""
+    from grpo_fast.config import config_from_dict
+    from grpo_fast.modeling import load_model_and_tokenizer
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny-llama.json")
+    cfg = config_from_dict({"mode": "offline", "dataset_path": "unused.jsonl", "seed": 0,
+                            "model_path": tiny, "attn_implementation": "sdpa"})
+    model, _ = load_model_and_tokenizer(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return model

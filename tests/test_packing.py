@@ -12,8 +12,6 @@ without them), so the packed path's FlashAttention-2 plumbing runs on CPU.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,12 +19,7 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from grpo_fast import logprobs
-from grpo_fast.config import config_from_dict
-from grpo_fast.modeling import load_model_and_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "models" / "tiny-llama.json")
-CPU = torch.device("cpu")
 ATOL = 1e-5
 
 
@@ -45,16 +38,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = config_from_dict({"mode": "offline", "dataset_path": "unused.jsonl", "seed": 0,
-                            "model_path": TINY, "attn_implementation": "sdpa"})
-    model, _ = load_model_and_tokenizer(cfg, CPU)
-    # peft starts lora_B at zero, where lora_A gets no gradient at all: give both a value.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    return model
+def model(tiny_lora_model):
+    return tiny_lora_model
 
 
 @pytest.fixture

@@ -11,34 +11,19 @@ with the adapter disabled; then the trainer's dispatch between the two forwards.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from grpo_fast import logprobs
-from grpo_fast.config import config_from_dict
-from grpo_fast.modeling import load_model_and_tokenizer
 from grpo_fast.online import completion_logps, reference_logps
 from grpo_fast.rollout import Rollout
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "models" / "tiny-llama.json")
-CPU = torch.device("cpu")
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = config_from_dict({"mode": "offline", "dataset_path": "unused.jsonl", "seed": 0,
-                            "model_path": TINY, "attn_implementation": "sdpa"})
-    model, _ = load_model_and_tokenizer(cfg, CPU)
-    # peft starts lora_B at zero, where lora_A gets no gradient and the adapter changes nothing.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    return model
+def model(tiny_lora_model):
+    return tiny_lora_model
 
 
 def group_rollout(seed: int, prompt_lengths=(3, 6, 1), completion_lengths=(5, 2, 7, 1, 4, 7, 3, 6, 2),

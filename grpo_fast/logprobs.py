@@ -190,15 +190,20 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         hidden = packed_hidden_states(model, batch)[0, source]          # (n, H)
     else:
         hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1][sel]  # (n, H)
+    return scored_logprobs(model, hidden, targets, sel, temperature=temperature, backend=backend)
+
+
+def scored_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, sel: torch.Tensor, *,
+                    temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head on the scored positions only: hidden (n, H) of the n True entries of sel
+    (B, T), targets (B, T). Returns (logps, entropy), (B, T) float32, zero where sel is False;
+    entropy is detached (a metric)."""
     head = lm_head(model)
     logp_sel, ent_sel = kernels.token_logprobs(
         hidden, head.weight, targets[sel], temperature=temperature / head.scale,
         bias=head.bias, backend=backend, return_entropy=True)            # (n,), (n,)
-    logps = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
-    entropy = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
-    logps = logps.masked_scatter(sel, logp_sel)
-    entropy = entropy.masked_scatter(sel, ent_sel.detach())
-    return logps, entropy
+    zeros = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
+    return zeros.masked_scatter(sel, logp_sel), zeros.masked_scatter(sel, ent_sel.detach())
 
 
 def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -229,7 +234,7 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     u_pos = (u_mask.cumsum(dim=1) - 1).clamp(min=0)                                   # (U, P)
     decoder = model.get_decoder()
     out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos, use_cache=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = out.cache
     cache.reorder_cache(inverse)                                                      # U -> N rows
     first = out.last_hidden_state[:, -1].index_select(0, inverse)                     # (N, H)
     C = completion_ids.size(1)
@@ -244,13 +249,8 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
         hidden = first.unsqueeze(1)                                                   # (N, 1, H)
     # hidden[:, t] predicts completion_ids[:, t].
     sel = completion_mask.bool()                                                      # (N, C)
-    head = lm_head(model)
-    logp_sel, ent_sel = kernels.token_logprobs(
-        hidden[sel], head.weight, completion_ids[sel], temperature=temperature / head.scale,
-        bias=head.bias, backend=backend, return_entropy=True)                         # (n,), (n,)
-    logps = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
-    entropy = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
-    return logps.masked_scatter(sel, logp_sel), entropy.masked_scatter(sel, ent_sel.detach())
+    return scored_logprobs(model, hidden[sel], completion_ids, sel, temperature=temperature,
+                           backend=backend)                                           # (N, C) x2
 
 
 def checkpoints_activations(model) -> bool:

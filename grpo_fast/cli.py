@@ -17,6 +17,7 @@ from typing import Optional
 
 from .config import ConfigError, load_config
 from .data import DataError
+from .errors import TrainingStopped
 
 logger = logging.getLogger("grpo_fast")
 
@@ -83,6 +84,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"grpo-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"grpo-fast {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

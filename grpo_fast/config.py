@@ -266,6 +266,9 @@ def validate(cfg: Config) -> Config:
                 "online.num_generations", "online.max_prompt_length",
                 "online.max_completion_length", "online.num_iterations"):
         _check(_get(cfg, key) >= 1, key, f"must be >= 1, got {_get(cfg, key)}")
+    # One sample per prompt has nothing to be relative to: every advantage would be 0.
+    _check(cfg.online.num_generations >= 2, "online.num_generations",
+           f"must be >= 2 (advantages are relative to the group), got {cfg.online.num_generations}")
     for key in ("learning_rate", "offline.policy_temperature", "offline.score_temperature",
                 "online.temperature"):
         value = _get(cfg, key)

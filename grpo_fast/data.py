@@ -4,14 +4,18 @@ Offline format (the seed's), a JSON array or JSONL file, one record per prompt:
 
     {"prompt": "2+3=", "completions": [{"text": "5", "score": 1.0}, {"text": "7", "score": 0.2}]}
 
-At least 2 completions per record; groups may differ in size K. Each (prompt, completion) pair
+At least 2 completions per record; groups may differ in size K; every score finite and small
+enough for the loss in float32 (see `validate_scored_record`). Each (prompt, completion) pair
 is tokenized as prompt + completion + EOS; only completion tokens (and the EOS) are scored.
 Bad records raise `DataError` naming the file and line (or are skipped and counted with
-`skip_invalid`).
+`skip_invalid`). A JSONL line is decoded (UTF-8) and parsed on its own, so one that is not
+UTF-8 or not JSON is a bad record like the others; inside a JSON array such a defect is always
+an error, as the records after it cannot be found.
 
 Online format: JSON/JSONL with a `prompt` column (a string, or a list of chat messages rendered
 with the tokenizer's chat template) plus any other columns (e.g. `answer`), which are handed to
-the reward functions; or a `datasets` hub name + split.
+the reward functions; or a `datasets` hub name + split. Prompt files have no `skip_invalid`:
+any line that cannot be read is an error naming it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from .losses import MAX_SCALED_SCORE
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,45 +38,102 @@ class DataError(ValueError):
     """Bad input data; the message names the file and the line."""
 
 
-def iter_json_records(path: str) -> Iterator[tuple[int, Any]]:
-    """Yield (line_number, record) from a JSON array or a JSONL file.
+def _not_utf8(data: bytes, err: UnicodeDecodeError) -> tuple[int, str]:
+    """(1-based line within `data`, problem) for the first byte that is not valid UTF-8; the
+    column counts characters, as an editor shows it."""
+    line_start = data.rfind(b"\n", 0, err.start) + 1
+    column = len(data[line_start:err.start].decode("utf-8")) + 1
+    return (data.count(b"\n", 0, err.start) + 1,
+            f"not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column})")
+
+
+def _invalid_json(err: ValueError) -> str:
+    # Besides JSONDecodeError, json raises a plain ValueError for an integer literal over
+    # Python's digit limit.
+    return f"invalid JSON: {err.msg if isinstance(err, json.JSONDecodeError) else err}"
+
+
+def iter_json_entries(path: str) -> Iterator[tuple[int, Any, Optional[str]]]:
+    """Yield (line_number, record, problem) from a JSON array or a JSONL file.
 
     Line numbers are 1-based and point at the line where the record starts, so an error message
-    can send the user straight to it."""
+    can send the user straight to it. `problem` is None, or for a JSONL line that is not valid
+    UTF-8 or not valid JSON, what is wrong with it (the record is then None): each JSONL line is
+    decoded on its own, so the caller may skip it and go on. In a JSON array the next record
+    cannot be found past such a defect, so it raises DataError instead."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: file not found")
-    text = p.read_text(encoding="utf-8")
-    stripped = text.lstrip()
+    data = p.read_bytes()
+    if data.lstrip().startswith(b"["):
+        yield from _iter_json_array(path, data)
+        return
+    # Split on b"\n" only: str.splitlines would also break at U+2028 and other separators that
+    # are legal inside JSON strings.
+    for line, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield line, None, _not_utf8(raw, e)[1]
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield line, json.loads(text), None
+        except ValueError as e:
+            yield line, None, _invalid_json(e)
+
+
+def _iter_json_array(path: str, data: bytes) -> Iterator[tuple[int, Any, None]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, problem = _not_utf8(data, e)
+        raise DataError(f"{path}:{line}: {problem}") from None
     decoder = json.JSONDecoder()
-    if stripped.startswith("["):
-        idx = text.index("[") + 1
-        while True:
-            while idx < len(text) and text[idx] in " \t\r\n,":
-                idx += 1
-            if idx >= len(text):
-                raise DataError(f"{path}: unterminated JSON array")
-            if text[idx] == "]":
-                return
-            line = text.count("\n", 0, idx) + 1
-            try:
-                record, idx = decoder.raw_decode(text, idx)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line}: invalid JSON: {e.msg}") from None
-            yield line, record
-    else:
-        for line, raw in enumerate(text.splitlines(), start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line}: invalid JSON: {e.msg}") from None
-            yield line, record
+    idx = text.index("[") + 1
+    while True:
+        while idx < len(text) and text[idx] in " \t\r\n,":
+            idx += 1
+        if idx >= len(text):
+            raise DataError(f"{path}: unterminated JSON array")
+        if text[idx] == "]":
+            return
+        line = text.count("\n", 0, idx) + 1
+        try:
+            record, idx = decoder.raw_decode(text, idx)
+        except ValueError as e:
+            raise DataError(f"{path}:{line}: {_invalid_json(e)}") from None
+        yield line, record, None
 
 
-def validate_scored_record(record: Any) -> Optional[str]:
-    """None if `record` is a valid scored group, else what is wrong with it."""
+def iter_json_records(path: str) -> Iterator[tuple[int, Any]]:
+    """Yield (line_number, record) from a JSON array or a JSONL file (see `iter_json_entries`);
+    any line that cannot be read raises DataError naming the file and line."""
+    for line, record, problem in iter_json_entries(path):
+        if problem is not None:
+            raise DataError(f"{path}:{line}: {problem}")
+        yield line, record
+
+
+def _score_problem(score: Any, score_temperature: float) -> Optional[str]:
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or (
+            isinstance(score, float) and not math.isfinite(score)):
+        return f"must be a finite number, got {score!r}"
+    # An int compares with a float exactly, so a huge integer cannot overflow here.
+    if abs(score) > MAX_SCALED_SCORE * min(1.0, score_temperature):
+        return (f"{score!r:.32} is too large: |score| and |score| / score_temperature "
+                f"({score_temperature:g}) must be at most {MAX_SCALED_SCORE:.4g} (float32 max / 4) "
+                "for the loss to stay finite in float32")
+    return None
+
+
+def validate_scored_record(record: Any, *, score_temperature: float = 1.0) -> Optional[str]:
+    """None if `record` is a valid scored group, else what is wrong with it.
+
+    Scores are used in float32, divided by `score_temperature`, inside a log-softmax; so both
+    |score| and |score| / score_temperature must be at most `MAX_SCALED_SCORE` (float32 max / 4),
+    which keeps score differences and the loss and its gradient finite."""
     if not isinstance(record, dict):
         return f"record must be an object, got {type(record).__name__}"
     for key in ("prompt", "completions"):
@@ -92,17 +155,21 @@ def validate_scored_record(record: Any) -> Optional[str]:
                 return f"completions[{i}]: missing key '{key}'"
         if not isinstance(c["text"], str):
             return f"completions[{i}].text must be a string"
-        score = c["score"]
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            return f"completions[{i}].score must be a finite number, got {score!r}"
+        problem = _score_problem(c["score"], score_temperature)
+        if problem is not None:
+            return f"completions[{i}].score {problem}"
     return None
 
 
-def load_scored_records(path: str, skip_invalid: bool = False) -> list[dict]:
-    """Read and validate a scored-completion file; returns the valid records."""
+def load_scored_records(path: str, skip_invalid: bool = False, *,
+                        score_temperature: float = 1.0) -> list[dict]:
+    """Read and validate a scored-completion file; returns the valid records.
+
+    With `skip_invalid`, invalid records and unreadable JSONL lines (not UTF-8, not JSON) are
+    logged with file:line, counted and skipped; a defect inside a JSON array still raises."""
     records, skipped = [], 0
-    for line, record in iter_json_records(path):
-        problem = validate_scored_record(record)
+    for line, record, problem in iter_json_entries(path):
+        problem = problem or validate_scored_record(record, score_temperature=score_temperature)
         if problem is None:
             records.append({"prompt": record["prompt"],
                             "texts": [c["text"] for c in record["completions"]],
@@ -133,12 +200,14 @@ def tokenize_group(tokenizer, prompt: str, texts: list[str], max_seq_length: int
     return {"input_ids": input_ids, "completion_mask": completion_masks}
 
 
-def load_offline_dataset(path: str, tokenizer, max_seq_length: int, skip_invalid: bool = False):
+def load_offline_dataset(path: str, tokenizer, max_seq_length: int, skip_invalid: bool = False, *,
+                         score_temperature: float = 1.0):
     """A `datasets.Dataset` of tokenized groups with columns input_ids (K, T_k),
-    completion_mask (K, T_k) and scores (K,)."""
+    completion_mask (K, T_k) and scores (K,); `score_temperature` is the loss's, which bounds
+    the scores (see `validate_scored_record`)."""
     import datasets
 
-    records = load_scored_records(path, skip_invalid)
+    records = load_scored_records(path, skip_invalid, score_temperature=score_temperature)
     ds = datasets.Dataset.from_list(records)
     return ds.map(
         lambda r: {**tokenize_group(tokenizer, r["prompt"], r["texts"], max_seq_length),

@@ -25,6 +25,7 @@ from .config import Config, ConfigError
 from .data import GroupCollator, load_offline_dataset
 from .losses import listwise_metrics
 from .modeling import load_model_and_tokenizer
+from .preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -71,18 +72,20 @@ def evaluate(cfg: Config, adapter: Optional[str] = None, data_path: Optional[str
              output: Optional[str] = None) -> dict[str, dict[str, float]]:
     """Evaluate and print a table; writes the results as JSON to `output` (default:
     <adapter or output_dir>/eval_results.json). Returns {model name: metrics}."""
-    data_path = data_path or cfg.eval_dataset_path
-    if data_path is None:
+    if data_path is None and cfg.eval_dataset_path is None:
         raise ConfigError("eval_dataset_path: not set (or pass --data FILE)")
-    if adapter is not None and not Path(adapter).is_dir():
-        raise ConfigError(f"--adapter: {adapter} is not a directory")
+    # Every path is checked before any model loads.
+    check_inputs(cfg, {"--data": data_path} if data_path else {"eval_dataset_path": cfg.eval_dataset_path},
+                 adapter=adapter)
+    data_path = data_path or cfg.eval_dataset_path
     if cfg.mode == "online":
         from .online import evaluate_online
 
         results = evaluate_online(cfg, adapter=adapter, data_path=data_path)
     else:
         model, tokenizer = load_model_and_tokenizer(cfg, adapter_path=adapter, trainable=False)
-        dataset = load_offline_dataset(data_path, tokenizer, cfg.max_seq_length, cfg.skip_invalid)
+        dataset = load_offline_dataset(data_path, tokenizer, cfg.max_seq_length, cfg.skip_invalid,
+                                    score_temperature=cfg.offline.score_temperature)
         results = {}
         if adapter is not None or cfg.lora_path is not None:
             ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()

@@ -15,7 +15,10 @@ softmaxes run over the valid completions of each group only::
     reverse:  KL(p || q) = sum_k p_k (log p_k - log q_k)
     loss = mean over groups with >= 2 valid completions
 
-``listwise_kl_loss`` returns that loss, ``listwise_metrics`` the matching diagnostics.
+``listwise_kl_loss`` returns that loss, ``listwise_metrics`` the matching diagnostics. Terms whose
+weight (q_k forward, p_k reverse) is exactly 0 contribute exactly 0, value and gradient, even where
+the other log-probability is -inf. Scores with ``|score / score_temperature| <= MAX_SCALED_SCORE``
+keep the loss and its gradient finite in float32.
 
 Online GRPO (DeepSeekMath, arXiv 2402.03300, section 4.1)
 ---------------------------------------------------------
@@ -47,6 +50,7 @@ from torch import Tensor
 
 __all__ = [
     "LOSS_TYPES",
+    "MAX_SCALED_SCORE",
     "group_advantages",
     "grpo_loss",
     "listwise_kl_loss",
@@ -59,6 +63,11 @@ __all__ = [
 ADVANTAGE_EPS = 1e-4
 SCALE_MODES = ("group", "batch", "none")
 DIRECTIONS = ("forward", "reverse")
+# The largest |score / score_temperature| the listwise loss takes in float32 (data validation
+# enforces it). A quarter of float32's range: differences of two such values (the log-softmax
+# subtracts the group's maximum) stay within half of it, so a group's KL (at most that, in the
+# reverse direction) and its gradient with respect to the policy's logits stay finite.
+MAX_SCALED_SCORE = torch.finfo(torch.float32).max / 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,9 +112,22 @@ def _listwise_parts(
     return log_p, log_q, mask, eligible
 
 
+def _kl_terms(log_w: Tensor, log_other: Tensor, mask: Tensor) -> Tensor:
+    """w * (log w - log other) per entry, with w = exp(log_w); exactly 0 where masked or w == 0.
+
+    Both ``torch.where``s matter: a product would give 0 * -inf = NaN where log_w (or log_other)
+    is -inf, in the value, and in the gradient even when the value is selected away."""
+    w = log_w.exp()
+    keep = mask & (w > 0)
+    return torch.where(keep, w * torch.where(keep, log_w - log_other, 0.0), 0.0)
+
+
 def _group_mean(per_group: Tensor, eligible: Tensor) -> Tensor:
-    """Mean over eligible groups; 0 (still attached to the graph) when there are none."""
-    return torch.where(eligible, per_group, 0.0).sum() / eligible.sum().clamp(min=1)
+    """Mean over eligible groups; 0 (still attached to the graph) when there are none.
+
+    Divided before the sum: a reverse-KL group can be as large as MAX_SCALED_SCORE * 2, and a sum
+    of several such groups would overflow."""
+    return (torch.where(eligible, per_group, 0.0) / eligible.sum().clamp(min=1)).sum()
 
 
 def listwise_kl_loss(
@@ -133,21 +155,18 @@ def listwise_kl_loss(
         Scalar loss: with p = softmax(seq_logps / policy_temperature) and
         q = softmax(scores / score_temperature) over each group's valid completions,
         ``sum_k q_k (log q_k - log p_k)`` (forward) or ``sum_k p_k (log p_k - log q_k)`` (reverse),
-        averaged over groups with at least 2 valid completions. Masked completions get exactly
-        zero weight and zero gradient. With no such group the loss is 0 and still backpropagates
-        (zero gradients), so a degenerate micro-batch does not break the step.
+        averaged over groups with at least 2 valid completions. Masked completions, and terms
+        whose weight (q_k, or p_k for reverse) is exactly 0, contribute exactly zero, value and
+        gradient. With no eligible group the loss is 0 and still backpropagates (zero
+        gradients), so a degenerate micro-batch does not break the step.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     log_p, log_q, mask, eligible = _listwise_parts(
         seq_logps, scores, group_mask, policy_temperature, score_temperature
     )
-    if direction == "forward":
-        terms = log_q.exp() * (log_q - log_p)
-    else:
-        terms = log_p.exp() * (log_p - log_q)
-    per_group = torch.where(mask, terms, 0.0).sum(dim=-1)
-    return _group_mean(per_group, eligible)
+    log_w, log_other = (log_q, log_p) if direction == "forward" else (log_p, log_q)
+    return _group_mean(_kl_terms(log_w, log_other, mask).sum(dim=-1), eligible)
 
 
 @torch.no_grad()
@@ -183,7 +202,7 @@ def listwise_metrics(
 
     p = log_p.exp()
     entropy = -torch.where(mask, p * log_p, 0.0).sum(dim=-1)
-    kl = torch.where(mask, log_q.exp() * (log_q - log_p), 0.0).sum(dim=-1)
+    kl = _kl_terms(log_q, log_p, mask).sum(dim=-1)
 
     best = seq_logps.masked_fill(~mask, float("-inf")).argmax(dim=-1, keepdim=True)
     top1 = scores.gather(-1, best).squeeze(-1)

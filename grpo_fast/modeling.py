@@ -6,6 +6,10 @@ LoRA (peft), 4/8-bit base weights (bitsandbytes, QLoRA), attention backend choic
 `cfg.model_path` is a local directory or hub id (as transformers takes it), or a model *config*
 file (`configs/models/*.json`) that is built with random weights next to a byte-level tokenizer
 built locally with the `tokenizers` library, so the embedded defaults never need the internet.
+
+`check_model_source` / `check_adapter_source` tell in milliseconds, without the network, whether
+a model or adapter path can load at all; every loading error is a one-line `ConfigError` naming
+the config key.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -29,6 +34,27 @@ logger = logging.getLogger(__name__)
 BASE_MODEL_DIR = "base_model"
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+
+# Any one of these makes a directory's tokenizer loadable; without them transformers builds a
+# one-token tokenizer for some model types (Qwen2, GPT-2) and a reshape error follows much later.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+# On a CPU with AVX512-BF16, importing bitsandbytes tries to fetch a gemm_4bit_forward kernel from
+# the hub (the `kernels` package) and, failing, warns at every start to `pip install kernels`.
+# That kernel only serves bitsandbytes' packed CPU 4-bit layout, which `unpack_cpu_4bit_layout`
+# turns off on every model grpo-fast loads, so the advice is wrong here: drop exactly that
+# message. The filter only acts if this module is imported before bitsandbytes first is (peft and
+# transformers' Trainer import it).
+BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNELS_HINT = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropKernelsHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(BNB_KERNELS_HINT)
+
+
+logging.getLogger(BNB_CPU_OPS_LOGGER).addFilter(_DropKernelsHint())
 
 
 def is_model_config_file(model_path: str) -> bool:
@@ -99,10 +125,93 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+def check_model_source(model_path: str, what: str = "model_path") -> None:
+    """Raise a one-line ConfigError naming `what` unless `model_path` can load: a model config
+    .json, a local model directory (config.json and tokenizer files), or a hub id. A hub id must be
+    in the Hugging Face cache when downloads are off (HF_HUB_OFFLINE); otherwise transformers
+    fetches it. Reads a few file names only: no network, no model."""
+    path = Path(model_path)
+    if path.is_dir():
+        _check_model_dir(path, what)
+    elif path.is_file():
+        if path.suffix != ".json":
+            raise ConfigError(f"{what}: {model_path} is a file, not a model directory or a model config .json")
+    elif model_path.endswith(".json") or not _is_hub_id(model_path):
+        raise ConfigError(f"{what}: {model_path} does not exist (not a local directory, a model config "
+                          f".json, or a hub id)")
+    elif _hub_offline() and not _in_hub_cache(model_path):
+        raise ConfigError(f"{what}: {model_path} is neither a local directory nor in the Hugging Face "
+                          f"cache, and HF_HUB_OFFLINE is set, so it cannot be downloaded")
+
+
+def check_adapter_source(path: str, what: str = "lora_path", lora: bool = True) -> None:
+    """Raise a one-line ConfigError naming `what` unless `path` is a local directory holding a
+    LoRA adapter (`lora`) or, for a full fine-tune, a whole saved model."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what}: {path} does not exist")
+    if not p.is_dir():
+        raise ConfigError(f"{what}: {path} is not a directory")
+    if not lora:
+        _check_model_dir(p, what)
+    elif not (p / "adapter_config.json").is_file():
+        raise ConfigError(f"{what}: {path} holds no adapter_config.json (not a LoRA adapter directory)")
+
+
+def _check_model_dir(path: Path, what: str) -> None:
+    if not (path / "config.json").is_file():
+        hint = " (it holds a LoRA adapter, not a model)" if (path / "adapter_config.json").is_file() else ""
+        raise ConfigError(f"{what}: {path} has no config.json, so it is not a saved model directory{hint}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{what}: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                          f"save the tokenizer next to the model")
+
+
+def _is_hub_id(name: str) -> bool:
+    """`name` or `owner/name`, by the rules transformers applies before asking the hub."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+@contextmanager
+def _one_line_load_errors(source: str, what: str) -> Iterator[None]:
+    """transformers and the hub report a model that cannot load as multi-line OSErrors and
+    ValueErrors (HF errors are OSErrors); the command line prints a ConfigError as one line."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"{what}: {source} could not be loaded: {reason}") from None
+
+
+def load_tokenizer(path: str, what: str = "model_path") -> PreTrainedTokenizerFast:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _one_line_load_errors(path, what):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if len(tokenizer) < 2 or tokenizer.eos_token is None:
+        # A backstop for check_model_source: what transformers builds from no tokenizer files.
+        raise ConfigError(f"{what}: {path} has no usable tokenizer ({len(tokenizer)} tokens, eos token "
+                          f"{tokenizer.eos_token!r}); save the tokenizer next to the model")
     if tokenizer.pad_token is None:
         # Common for base LMs (Llama, GPT-2); padded positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token
@@ -126,15 +235,51 @@ def _quantization_config(cfg: Config):
     )
 
 
+def unpack_cpu_4bit_layout(model) -> int:
+    """Keep every bitsandbytes Linear4bit of `model` in its portable layout; returns how many
+    modules changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight in place, at
+    its first forward that is in eval mode with an input not requiring grad, into a CPU-only
+    layout, and from then on runs every forward, training ones too, through a bf16 gemv kernel:
+    other numerics than the dequantize + matmul used everywhere else, other weight bytes, a crash
+    for widths that are not a multiple of its 64 block (reshape) and, on biased linears such as
+    Qwen2's q/k/v, an in-place `+= bias` that breaks autograd. Turning it off makes training,
+    rollouts and saved weights use one code path and one layout on every CPU. A weight already
+    packed is unpacked with bitsandbytes' own inverse."""
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = module.weight
+        packed = getattr(weight.quant_state, "packing_format_for_cpu", False)
+        if packed:
+            # Imported here: bitsandbytes versions without the packed layout lack it.
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
+
+            weight.data, weight.quant_state = unpack(weight.data, weight.quant_state)
+        # Absent in bitsandbytes versions without the packed layout.
+        if packed or getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    if changed:
+        logger.info("bitsandbytes: packed CPU 4-bit layout (AVX512-BF16) turned off on %d linears, so every "
+                    "forward dequantizes the same weights", changed)
+    return changed
+
+
 def load_base_model(cfg: Config, device: Optional[torch.device] = None, base_dir: Optional[str] = None):
-    """The base causal LM (no adapter) and its tokenizer. `base_dir` (a saved base_model/)
-    takes precedence over cfg.model_path."""
+    """The base causal LM (no adapter) and its tokenizer. `base_dir` (a saved base_model/, or a
+    full fine-tune's output: the adapter path) takes precedence over cfg.model_path."""
     device = device or default_device()
     dtype = resolve_dtype(cfg.dtype, device)
     attn, reason = resolve_attn_implementation(cfg.attn_implementation, device, dtype)
     logger.info("attention: %s (%s)", attn, reason)
     quant = _quantization_config(cfg)
     source = base_dir or cfg.model_path
+    what = "model_path" if base_dir is None else "lora_path"
     if base_dir is None and is_model_config_file(cfg.model_path):
         if quant is not None:
             raise ConfigError("quantization: a random-weight model built from a config file cannot be "
@@ -157,12 +302,16 @@ def load_base_model(cfg: Config, device: Optional[torch.device] = None, base_dir
             model = AutoModelForCausalLM.from_config(model_cfg, dtype=dtype, attn_implementation=attn)
         logger.info("built %s with random weights from %s", type(model).__name__, cfg.model_path)
     else:
-        tokenizer = load_tokenizer(source)
+        check_model_source(source, what)
+        tokenizer = load_tokenizer(source, what)
         kwargs = dict(dtype=dtype, attn_implementation=attn)
         if quant is not None:
             kwargs["quantization_config"] = quant
             kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with _one_line_load_errors(source, what):
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if cfg.quantization.load_in_4bit:
+            unpack_cpu_4bit_layout(model)
     if quant is None:
         model.to(device)
     if model.config.pad_token_id is None:
@@ -181,10 +330,13 @@ def load_model_and_tokenizer(cfg: Config, device: Optional[torch.device] = None,
     base was built with random weights and `output_dir` is given, the base is saved to
     `output_dir/base_model/` before the adapter wraps it (a few MB for the shipped tiny configs),
     so the adapter can always be loaded onto the exact base it was trained on."""
+    adapter_path = adapter_path or cfg.lora_path
+    if adapter_path:
+        # Before importing peft (seconds): a wrong path is told at once.
+        check_adapter_source(adapter_path, lora=cfg.lora.enabled)
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
 
-    adapter_path = adapter_path or cfg.lora_path
     base_dir = None
     if adapter_path and (Path(adapter_path) / BASE_MODEL_DIR).is_dir():
         base_dir = str(Path(adapter_path) / BASE_MODEL_DIR)
@@ -207,8 +359,6 @@ def load_model_and_tokenizer(cfg: Config, device: Optional[torch.device] = None,
             p.requires_grad_(False)
     if cfg.lora.enabled:
         if adapter_path:
-            if not (Path(adapter_path) / "adapter_config.json").is_file():
-                raise ConfigError(f"lora_path: {adapter_path} holds no adapter_config.json")
             model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
         else:
             # Seeded: the same config gives the same initial adapter, run after run.

@@ -26,19 +26,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from . import logprobs
 from .config import Config, ConfigError
@@ -46,13 +42,16 @@ from .data import load_prompt_dataset
 from .losses import group_advantages, grpo_loss, zero_std_fraction
 from .modeling import default_device, load_base_model, load_model_and_tokenizer
 from .rewards import RewardFunction, compute_rewards, load_reward_functions, reward_metrics
+from .errors import TrainingStopped
+from .preflight import check_finite, preflight
 from .rollout import Rollout, eos_token_ids, generate_completions
-from .trainer import METRICS_FILE, check_output_dir, save_final
+from .rundir import (COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, ONLINE_CHECKPOINT_FILES, JsonlWriter,
+                     atomic_directory, load_rng_state, load_torch_state, read_jsonl, rotate_checkpoints,
+                     save_final, save_rng_state, truncate_jsonl)
 
 logger = logging.getLogger(__name__)
 
-COMPLETIONS_FILE = "completions.jsonl"
-STATE_FILE = "online_state.json"
+STATE_FILE = ONLINE_CHECKPOINT_FILES[0]
 # Share of the logged rows averaged at each end of the run for the first-vs-last reward summary.
 SUMMARY_WINDOW = 0.1
 
@@ -92,10 +91,6 @@ def _nanmean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def _json_value(value: float) -> Optional[float]:
-    return None if math.isnan(value) else value
-
-
 def completion_metrics(lengths: Tensor, terminated: Tensor) -> dict[str, float]:
     """TRL's completion-length metrics; clipped_ratio = share cut at the length limit (no EOS)."""
     lengths = lengths.float()
@@ -130,13 +125,14 @@ class OnlineTrainer:
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg, self.o = cfg, cfg.online
         self.out = Path(cfg.output_dir)
-        check_output_dir(cfg.output_dir, resume)
-        self.out.mkdir(parents=True, exist_ok=True)
+        # Every path, the reward functions and the output directory are checked before any model
+        # loads; nothing is written before that.
+        resume_dir, self.reward_fns = preflight(cfg, resume, ONLINE_CHECKPOINT_FILES)
         set_seed(cfg.seed)
         self.device = default_device()
-        resume_dir = get_last_checkpoint(cfg.output_dir) if resume else None
         self.model, self.tokenizer = load_model_and_tokenizer(
-            cfg, device=self.device, adapter_path=resume_dir, output_dir=cfg.output_dir)
+            cfg, device=self.device, adapter_path=str(resume_dir) if resume_dir else None,
+            output_dir=cfg.output_dir)
         self.model.train()
         self.ref_model = None
         if self.o.beta > 0 and not cfg.lora.enabled:
@@ -145,7 +141,6 @@ class OnlineTrainer:
             self.ref_model, _ = load_base_model(cfg, self.device)
             self.ref_model.eval().requires_grad_(False)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
-        self.reward_fns: list[RewardFunction] = load_reward_functions([asdict(s) for s in self.o.rewards])
 
         self.prompts = prompt_records(cfg, self.tokenizer, cfg.dataset_path, hub=True)
         self.eval_prompts: list[dict] = []
@@ -169,8 +164,10 @@ class OnlineTrainer:
         # Dynamic loss scaling keeps fp16 gradients from underflowing; disabled it passes through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         if resume_dir:
-            self.load_checkpoint(Path(resume_dir))
+            self.load_checkpoint(resume_dir)
         self.stream = PromptStream(len(self.prompts), cfg.seed, self.state.prompts_consumed)
+        self.metrics_log = JsonlWriter(self.out / METRICS_FILE)
+        self.completions_log = JsonlWriter(self.out / COMPLETIONS_FILE)
         self.writer = None
         if cfg.report_to == "tensorboard":
             try:
@@ -217,8 +214,11 @@ class OnlineTrainer:
         # 2. Rewards of all ga*B*G completions; dataset columns repeated G times to align.
         prompts = [r["prompt"] for r in records for _ in range(G)]
         texts = [t for roll in rolls for t in roll.texts]
-        per_fn, rewards = compute_rewards(self.reward_fns, prompts, texts,
-                                          reward_columns(records, rolls, G))            # (ga*B*G, F), (ga*B*G,)
+        try:
+            per_fn, rewards = compute_rewards(self.reward_fns, prompts, texts,
+                                              reward_columns(records, rolls, G))        # (ga*B*G, F), (ga*B*G,)
+        except ValueError as e:  # a reward function returned something unusable (NaN, wrong count)
+            raise TrainingStopped(f"step {self.state.step + 1}: {e}") from None
 
         # 3. Group-relative advantages; the step's groups are adjacent, so scale="batch" sees
         #    every micro-batch's rewards.
@@ -265,8 +265,13 @@ class OnlineTrainer:
                 entropy_sum += (entropy * roll.completion_mask).sum()
                 loss_metrics.append(metrics)
             self.scaler.unscale_(self.optimizer)
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(
-                self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            # Stop before a non-finite update reaches the weights (and so any checkpoint). Under
+            # fp16 an inf gradient is the loss scaler's business: it skips that update.
+            check_finite(self.state.step + 1, loss=loss_sum,
+                         grad_norm=None if cfg.mixed_precision == "fp16" else grad_norm)
+            grad_norms.append(grad_norm)
             learning_rate = self.scheduler.get_last_lr()[0]
             self.scaler.step(self.optimizer)  # skips the update on inf/NaN gradients (fp16)
             self.scaler.update()
@@ -307,6 +312,10 @@ class OnlineTrainer:
         prompts_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         pending: list[dict[str, float]] = []
         start = time.perf_counter()
+        if state.step >= self.total_steps and (self.out / CONFIG_FILE).is_file():
+            logger.info("the run in %s already finished at step %d of %d: nothing to do (raise "
+                        "max_steps or num_epochs to train further)", self.out, state.step, self.total_steps)
+            return {"global_step": state.step, "train_runtime": 0.0, **reward_summary(self.out / METRICS_FILE)}
         bar = tqdm(total=self.total_steps, initial=state.step, desc="online GRPO", dynamic_ncols=True)
         try:
             while state.step < self.total_steps:
@@ -326,9 +335,11 @@ class OnlineTrainer:
                     self.log_row({f"eval/{k}": v for k, v in self.evaluate(self.eval_prompts).items()})
                 if state.step % cfg.save_steps == 0:
                     self.save_checkpoint()
+        except TrainingStopped as e:
+            raise TrainingStopped(f"{e}; checkpoints saved so far are in {self.out}") from None
         except Exception:
             logger.error("training stopped at step %d; checkpoints saved so far are in %s",
-                         state.step, self.out)
+                         state.step + 1, self.out)
             raise
         finally:
             bar.close()
@@ -347,9 +358,7 @@ class OnlineTrainer:
         """One metrics row: metrics.jsonl (as the offline MetricsFileCallback writes it),
         TensorBoard, and the log."""
         logs = {**logs, "epoch": round(self.stream.epoch, 4)}
-        row = {"step": self.state.step, "time": round(time.time(), 3), **logs}
-        with open(self.out / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.metrics_log.write({"step": self.state.step, "time": round(time.time(), 3), **logs})
         if self.writer is not None:
             for k, v in logs.items():
                 self.writer.add_scalar(k if "/" in k else f"train/{k}", v, self.state.step)
@@ -360,12 +369,11 @@ class OnlineTrainer:
     def log_completions(self, samples: dict) -> None:
         """Every completion of this step with its rewards to completions.jsonl; a few to the log."""
         names = [r.name for r in self.reward_fns]
-        with open(self.out / COMPLETIONS_FILE, "a") as f:
-            for i, (prompt, text) in enumerate(zip(samples["prompts"], samples["texts"])):
-                f.write(json.dumps({
-                    "step": self.state.step, "prompt": prompt, "completion": text,
-                    "reward": samples["rewards"][i], "advantage": samples["advantages"][i],
-                    "rewards": {n: _json_value(v) for n, v in zip(names, samples["per_fn"][i])}}) + "\n")
+        self.completions_log.write_many([
+            {"step": self.state.step, "prompt": prompt, "completion": text,
+             "reward": samples["rewards"][i], "advantage": samples["advantages"][i],
+             "rewards": dict(zip(names, samples["per_fn"][i]))}
+            for i, (prompt, text) in enumerate(zip(samples["prompts"], samples["texts"]))])
         for i in range(min(self.o.num_generations, len(samples["texts"]))):
             logger.info("sample (step %d) reward %.3f adv %+.3f | %r -> %r", self.state.step,
                         samples["rewards"][i], samples["advantages"][i],
@@ -379,25 +387,18 @@ class OnlineTrainer:
     # ---------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoint-<step>/ atomically (a temporary directory renamed at the end, so a
-        crash mid-save never leaves a half checkpoint for --resume), then rotate."""
+        """Write checkpoint-<step>/ atomically (rundir.atomic_directory: a kill mid-save never
+        leaves a half checkpoint for --resume), then rotate."""
         final = self.out / f"checkpoint-{self.state.step}"
-        tmp = self.out / f"tmp-checkpoint-{self.state.step}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   tmp / "rng_state.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        checkpoints = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in checkpoints[:-self.cfg.save_total_limit]:
-            shutil.rmtree(old)
+        with atomic_directory(final) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
+            save_rng_state(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
+        rotate_checkpoints(self.out, self.cfg.save_total_limit)
         logger.info("saved %s", final)
         return final
 
@@ -405,14 +406,11 @@ class OnlineTrainer:
         """Restore what the weights (already loaded from `ckpt`) do not hold, and drop log rows
         past the checkpoint that a crashed run wrote, so the resumed curve has no duplicates."""
         self.state = TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device))
-        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt"))
-        rng = torch.load(ckpt / "rng_state.pt", weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.optimizer.load_state_dict(load_torch_state(ckpt / "optimizer.pt", map_location=self.device))
+        self.scheduler.load_state_dict(load_torch_state(ckpt / "scheduler.pt"))
+        if (ckpt / "scaler.pt").is_file():
+            self.scaler.load_state_dict(load_torch_state(ckpt / "scaler.pt"))
+        load_rng_state(ckpt)
         for name in (METRICS_FILE, COMPLETIONS_FILE):
             truncate_jsonl(self.out / name, self.state.step)
         logger.info("resumed from %s at step %d of %d", ckpt, self.state.step, self.total_steps)
@@ -486,22 +484,12 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     return cls(groups, lr=cfg.learning_rate)
 
 
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Keep only the rows of a step-keyed JSONL file with step <= `step`."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= step]
-    if len(kept) != len(rows):
-        path.write_text("".join(line + "\n" for line in kept))
-
-
 def reward_summary(metrics_path: Path) -> dict[str, float]:
     """Mean `reward` of the first and last SUMMARY_WINDOW of the logged rows (at least one each)."""
     if not metrics_path.is_file():
         return {}
-    rewards = [row["reward"] for row in map(json.loads, metrics_path.read_text().splitlines())
-               if "reward" in row and row["reward"] is not None and not math.isnan(row["reward"])]
+    rewards = [row["reward"] for row in read_jsonl(metrics_path)
+               if isinstance(row.get("reward"), (int, float)) and math.isfinite(row["reward"])]
     if not rewards:
         return {}
     n = max(1, round(len(rewards) * SUMMARY_WINDOW))

@@ -777,13 +777,17 @@ def _count(n: float) -> str:
 
 def offline_group_size(cfg: Config) -> int:
     """The largest number of completions per group in cfg.dataset_path (offline plans)."""
-    from .data import DataError, iter_json_records
+    from .data import DataError, iter_json_entries
 
     if cfg.dataset_path is None:
         raise ConfigError("dataset_path: an offline plan reads the group size from it")
     try:
-        sizes = [len(r.get("completions") or []) for _, r in iter_json_records(cfg.dataset_path)
-                 if isinstance(r, dict)]
+        sizes = []
+        for line, record, problem in iter_json_entries(cfg.dataset_path):
+            if problem is not None and not cfg.skip_invalid:
+                raise DataError(f"{cfg.dataset_path}:{line}: {problem}")
+            if isinstance(record, dict):
+                sizes.append(len(record.get("completions") or []))
     except DataError as e:
         raise ConfigError(f"dataset_path: {e}") from None
     if not sizes or max(sizes) < 1:

@@ -11,12 +11,12 @@ values. Uses matplotlib's Agg backend, so no display is needed.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .data import DataError
+from .rundir import METRICS_FILE, read_jsonl
 
 DEFAULT_METRICS = ("reward", "loss", "kl", "entropy", "eval/accuracy", "pairwise_accuracy",
                    "completions/mean_length")
@@ -25,18 +25,15 @@ SMOOTH_MIN_POINTS = 20
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl file. FileNotFoundError if absent; DataError (a ValueError)
-    naming the file and line if a row is not JSON, or if there is no row at all."""
+    """The rows of a metrics.jsonl file (a torn last line, from a kill mid-write, is dropped).
+    FileNotFoundError if absent; DataError (a ValueError) naming the file and line if another row
+    is not JSON, or if there is no row at all."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics file (is this a run's output_dir?)")
-    rows = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
+    try:
+        rows = read_jsonl(path)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     if not rows:
         raise DataError(f"{path}: empty, nothing to plot")
     return rows
@@ -70,7 +67,7 @@ def plot_run(run_dir: str, output: Optional[str] = None, metrics: Optional[Seque
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     rows = read_metrics(path)
     present = {m for m in {k for row in rows for k in row} if series(rows, m)[0]}
     if metrics:

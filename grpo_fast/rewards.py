@@ -8,7 +8,8 @@ A reward function has the signature TRL users already write::
 stripped); ``columns`` holds every extra dataset column (e.g. ``answer``) plus
 ``completion_ids`` (list[list[int]]) and ``terminated`` (list[bool]: True when the completion
 ended with EOS rather than at the length limit), each a list aligned with ``completions``.
-Return one float per completion, or None where the reward does not apply to that sample.
+Return one finite float per completion, or None where the reward does not apply to that sample
+(a NaN or inf is an error, never read as None).
 Functions should take ``**kwargs`` so new columns do not break them.
 
 Config lists rewards as specs::
@@ -266,21 +267,59 @@ class RewardFunction:
 _SPEC_KEYS = frozenset({"name", "weight", "kwargs"})
 
 
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` on one line (a SyntaxError's or a user exception's may span several)."""
+    message = " ".join(str(err).split())
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
 def _import_function(path: str) -> RewardFn:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"reward {path!r}: expected 'package.module:function'")
+        raise ValueError("expected 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # any import-time failure of user code, not only ImportError
-        raise ValueError(f"reward {path!r}: cannot import module {module_name!r}: {err!r}") from err
+        raise ValueError(f"cannot import module {module_name!r}: {_one_line(err)}") from err
     try:
         fn = getattr(module, attr)
     except AttributeError as err:
-        raise ValueError(f"reward {path!r}: module {module_name!r} has no attribute {attr!r}") from err
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from err
     if not callable(fn):
-        raise ValueError(f"reward {path!r}: {attr!r} is a {type(fn).__name__}, not a callable")
+        raise ValueError(f"{attr!r} is a {type(fn).__name__}, not a callable")
     return fn
+
+
+def _load_one(spec: Any) -> RewardFunction:
+    """One spec resolved; a ValueError here says what is wrong, the caller says which spec."""
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise ValueError(
+            f"reward spec must be a mapping with a 'name' (a non-empty string), got {spec!r:.80}"
+        )
+    unknown = set(spec) - _SPEC_KEYS
+    if unknown:
+        raise ValueError(f"unknown spec keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
+    name = spec["name"]
+    if ":" in name:
+        target = _import_function(name)
+        name = name.partition(":")[2]
+    elif name in BUILTIN_REWARDS:
+        target = BUILTIN_REWARDS[name]
+    else:
+        raise ValueError(
+            f"unknown reward; built-ins are {sorted(BUILTIN_REWARDS)}, "
+            "or give an import path 'package.module:function'"
+        )
+    kwargs = spec.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"'kwargs' must be a mapping, got {type(kwargs).__name__}")
+    weight = spec.get("weight", 1.0)
+    # A non-finite weight would make every total inf or NaN.
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+        raise ValueError(f"'weight' must be a finite number, got {weight!r}")
+    kwargs = dict(kwargs)
+    fn = functools.partial(target, **kwargs) if kwargs else target
+    return RewardFunction(name=name, fn=fn, weight=float(weight), kwargs=kwargs)
 
 
 def load_reward_functions(specs: Sequence[Mapping[str, Any]]) -> list[RewardFunction]:
@@ -288,35 +327,25 @@ def load_reward_functions(specs: Sequence[Mapping[str, Any]]) -> list[RewardFunc
 
     ``name`` is a key of ``BUILTIN_REWARDS`` or ``"package.module:function"``. Raises ValueError
     for an unknown built-in (listing the built-ins), an unimportable module (with the original
-    error), a missing or non-callable attribute, unknown spec keys, or two rewards with the same
-    name (their metrics would collide).
+    error's type and message; the original is chained), a missing or non-callable attribute,
+    unknown spec keys, a non-mapping ``kwargs``, a non-finite ``weight``, or two rewards with the
+    same name (their metrics would collide). Every message is one line that starts with the
+    spec's config key (specs are the config's ``online.rewards``) and name, e.g.
+    ``online.rewards[1] 'my_mod:fn': cannot import module 'my_mod': SyntaxError: invalid syntax
+    (my_mod.py, line 3)``.
     """
     loaded: list[RewardFunction] = []
-    for spec in specs:
-        if not isinstance(spec, Mapping) or "name" not in spec:
-            raise ValueError(f"reward spec must be a mapping with a 'name', got {spec!r}")
-        unknown = set(spec) - _SPEC_KEYS
-        if unknown:
-            raise ValueError(
-                f"reward {spec['name']!r}: unknown spec keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}"
-            )
-        name = spec["name"]
-        if ":" in name:
-            target = _import_function(name)
-            name = name.partition(":")[2]
-        elif name in BUILTIN_REWARDS:
-            target = BUILTIN_REWARDS[name]
-        else:
-            raise ValueError(
-                f"unknown reward {name!r}: built-ins are {sorted(BUILTIN_REWARDS)}, "
-                "or give an import path 'package.module:function'"
-            )
-        if any(r.name == name for r in loaded):
-            raise ValueError(f"reward {name!r} is listed twice; its metrics would collide")
-        kwargs = dict(spec.get("kwargs") or {})
-        fn = functools.partial(target, **kwargs) if kwargs else target
-        weight = float(spec.get("weight", 1.0))
-        loaded.append(RewardFunction(name=name, fn=fn, weight=weight, kwargs=kwargs))
+    for i, spec in enumerate(specs):
+        name = spec.get("name") if isinstance(spec, Mapping) else None
+        label = f"online.rewards[{i}]" + (f" {name!r}" if isinstance(name, str) else "")
+        try:
+            reward = _load_one(spec)
+        except ValueError as err:
+            # Chain the user's import error (if any), not this ValueError, whose text is repeated.
+            raise ValueError(f"{label}: {err}") from err.__cause__
+        if any(r.name == reward.name for r in loaded):
+            raise ValueError(f"{label}: reward {reward.name!r} is listed twice; its metrics would collide")
+        loaded.append(reward)
     return loaded
 
 
@@ -326,6 +355,8 @@ def load_reward_functions(specs: Sequence[Mapping[str, Any]]) -> list[RewardFunc
 
 
 def _as_rewards(name: str, output: Any, expected: int) -> list[float]:
+    """The rewards as floats, NaN for None (the only way to say "not applicable"): a NaN or inf
+    returned by the function is an error, not silently read as None."""
     if hasattr(output, "tolist"):  # numpy arrays and tensors, which TRL also accepts
         output = output.tolist()
     if isinstance(output, (str, bytes)) or not isinstance(output, Sequence):
@@ -336,14 +367,36 @@ def _as_rewards(name: str, output: Any, expected: int) -> list[float]:
     for i, value in enumerate(output):
         if value is None:
             values.append(math.nan)
-        elif isinstance(value, numbers.Real):
-            values.append(float(value))
-        else:
+        elif not isinstance(value, numbers.Real):
             raise ValueError(
-                f"reward function '{name}' returned a non-numeric reward at index {i}: {value!r} "
+                f"reward function '{name}' returned a non-numeric reward for sample {i}: {value!r} "
                 f"({type(value).__name__}); expected float or None"
             )
+        elif not math.isfinite(value):
+            raise ValueError(
+                f"reward function '{name}' returned {float(value)} for sample {i} "
+                "(return None for 'not applicable')"
+            )
+        else:
+            values.append(float(value))
     return values
+
+
+def _check_finite(
+    reward_fns: Sequence[RewardFunction], per_fn: Tensor, weighted: Tensor, total: Tensor
+) -> None:
+    """Raise where a finite reward overflows float32: by itself, times its weight, or in the sum."""
+    # per_fn is NaN exactly where a function returned None; anywhere else weighted must be finite.
+    overflow = (~weighted.isfinite() & ~per_fn.isnan()).nonzero()
+    if len(overflow):
+        i, f = overflow[0].tolist()
+        raise ValueError(
+            f"reward function '{reward_fns[f].name}': its reward for sample {i} times weight "
+            f"{reward_fns[f].weight:g} overflows float32"
+        )
+    overflow = total.isinf().nonzero()
+    if len(overflow):
+        raise ValueError(f"the weighted rewards of sample {overflow[0].item()} sum past float32's range")
 
 
 def compute_rewards(
@@ -363,7 +416,9 @@ def compute_rewards(
 
     Raises:
         RuntimeError: a function raised (chained from the original exception, naming it).
-        ValueError: a function returned the wrong number of rewards or a non-numeric one.
+        ValueError: a function returned the wrong number of rewards, a non-numeric one, NaN or
+            +-inf (naming it and the sample), or a reward that, times its weight or summed into
+            the total, overflows float32.
     """
     n = len(completions)
     columns_out = []
@@ -375,7 +430,9 @@ def compute_rewards(
         columns_out.append(_as_rewards(reward.name, output, n))
     per_fn = torch.tensor(columns_out, dtype=torch.float32).reshape(len(reward_fns), n).T.contiguous()
     weights = torch.tensor([r.weight for r in reward_fns], dtype=torch.float32)
-    total = (per_fn * weights).nansum(dim=1)
+    weighted = per_fn * weights
+    total = weighted.nansum(dim=1)
+    _check_finite(reward_fns, per_fn, weighted, total)
     return per_fn, total
 
 

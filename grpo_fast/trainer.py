@@ -7,6 +7,8 @@ from the fused kernel (B, K) -> listwise KL to the score distribution (+ beta x 
 reference, the same model with its adapter disabled) -> backward -> optimizer step. Subclassing
 `Trainer` keeps logging, checkpoints (`save_steps`, `save_total_limit`), `--resume`,
 `report_to` and accelerate as users expect; `metrics.jsonl` mirrors every logged row.
+Checkpoints are written atomically (rundir.atomic_directory) and `--resume` takes the newest
+complete one; resuming a finished run does nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -22,44 +25,32 @@ from typing import Any, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from . import logprobs
-from .config import Config, ConfigError
+from .config import Config
 from .data import GroupCollator, load_offline_dataset
 from .losses import listwise_kl_loss, listwise_metrics
 from .modeling import load_model_and_tokenizer
+from .errors import TrainingStopped
+from .preflight import check_finite, preflight
+from .rundir import (CONFIG_FILE, METRICS_FILE, OFFLINE_CHECKPOINT_FILES, TMP_PREFIX, JsonlWriter,
+                     rotate_checkpoints, save_final, truncate_jsonl)
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "grpo_config.yaml"
-
 
 class MetricsFileCallback(TrainerCallback):
-    """Appends every log row (step, epoch and all metrics) to output_dir/metrics.jsonl."""
+    """Appends every training log row (step, epoch and all metrics) to output_dir/metrics.jsonl
+    as strict JSON. The end-of-run summary row (train_runtime, train_loss, ...) is not a point of
+    the curve and is left out; `train` returns it."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.log = JsonlWriter(path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or not state.is_world_process_zero:
+        if logs is None or not state.is_world_process_zero or "train_runtime" in logs:
             return
-        row = {"step": state.global_step, "time": round(time.time(), 3), **logs}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def check_output_dir(output_dir: str, resume: bool) -> None:
-    """Refuse to train into a directory that holds another run's checkpoints unless resuming:
-    `save_total_limit` rotation would otherwise delete them."""
-    if resume:
-        if not Path(output_dir).is_dir() or get_last_checkpoint(output_dir) is None:
-            raise ConfigError(f"--resume: no checkpoint-* directory in output_dir {output_dir}")
-        return
-    if Path(output_dir).is_dir() and get_last_checkpoint(output_dir) is not None:
-        raise ConfigError(f"output_dir {output_dir} already holds checkpoints of another run; "
-                          "pass --resume to continue it, or choose another output_dir")
+        self.log.write({"step": state.global_step, "time": round(time.time(), 3), **logs})
 
 
 def training_arguments(cfg: Config, **overrides: Any) -> TrainingArguments:
@@ -152,24 +143,49 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
                                       score_temperature=off.policy_temperature)
             loss = loss + off.beta * ref_kl
             metrics["ref_kl"] = ref_kl.item()
+        # metrics holds .item()s, so the loss is on the host already: checking it costs nothing.
+        check_finite(self.state.global_step + 1, loss=loss.detach())
         self._record(metrics)
         return (loss, {"seq_logps": seq_logps}) if return_outputs else loss
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Stop before a non-finite gradient reaches the weights (the optimizer steps right after
+        this). Under fp16 an inf gradient is the loss scaler's business: it skips the update."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.cfg.mixed_precision != "fp16":
+            check_finite(self.state.global_step + 1, grad_norm=grad_norm)
+        return grad_norm
 
-def save_final(cfg: Config, model, tokenizer, output_dir: str) -> None:
-    """Adapter (or full model) as safetensors, tokenizer and the resolved config."""
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    (Path(output_dir) / CONFIG_FILE).write_text(cfg.to_yaml())
-    logger.info("saved %s, tokenizer and %s to %s",
-                "LoRA adapter" if cfg.lora.enabled else "model", CONFIG_FILE, output_dir)
+    def _save_checkpoint(self, model, trial) -> None:
+        """HF writes checkpoint-<step>/ in place, so a kill mid-save leaves a half checkpoint
+        that breaks every later --resume. Here it writes into a staging directory, renamed into
+        place once complete (what the online trainer's rundir.atomic_directory does)."""
+        out = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        staging = out / f"{TMP_PREFIX}{name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(out)
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        os.replace(staging / name, out / name)
+        shutil.rmtree(staging)
+        rotate_checkpoints(out, self.args.save_total_limit)
+
+    def total_steps(self) -> int:
+        """The optimizer steps this config trains for, as HF's Trainer counts them."""
+        return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
 
 def train_offline(cfg: Config, resume: bool = False) -> dict:
-    check_output_dir(cfg.output_dir, resume)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    # Every path and the output directory are checked before any model loads.
+    resume_ckpt, _ = preflight(cfg, resume, OFFLINE_CHECKPOINT_FILES)
     model, tokenizer = load_model_and_tokenizer(cfg, output_dir=cfg.output_dir)
-    train_ds = load_offline_dataset(cfg.dataset_path, tokenizer, cfg.max_seq_length, cfg.skip_invalid)
+    train_ds = load_offline_dataset(cfg.dataset_path, tokenizer, cfg.max_seq_length, cfg.skip_invalid,
+                                    score_temperature=cfg.offline.score_temperature)
     logger.info("train data: %d groups from %s", len(train_ds), cfg.dataset_path)
     trainer = OfflineGRPOTrainer(
         cfg,
@@ -180,7 +196,24 @@ def train_offline(cfg: Config, resume: bool = False) -> dict:
         processing_class=tokenizer,
         callbacks=[MetricsFileCallback(Path(cfg.output_dir) / METRICS_FILE)],
     )
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    if resume_ckpt is not None:
+        step = json.loads((resume_ckpt / "trainer_state.json").read_text())["global_step"]
+        total = trainer.total_steps()
+        # A kill between the checkpoint and the next log row leaves rows the resumed run writes again.
+        truncate_jsonl(Path(cfg.output_dir) / METRICS_FILE, step)
+        if step >= total:
+            # HF would train one more step and overwrite the final model: a finished run stays as is.
+            logger.info("the run in %s already finished at step %d of %d: nothing to do (raise "
+                        "max_steps or num_epochs to train further)", cfg.output_dir, step, total)
+            if not (Path(cfg.output_dir) / CONFIG_FILE).is_file():
+                trainer._load_from_checkpoint(str(resume_ckpt))
+                save_final(cfg, trainer.model, tokenizer, cfg.output_dir)
+            return {"global_step": step}
+        logger.info("resuming from %s at step %d of %d", resume_ckpt, step, total)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
+    except TrainingStopped as e:
+        raise TrainingStopped(f"{e}; checkpoints saved so far are in {cfg.output_dir}") from None
     save_final(cfg, trainer.model, tokenizer, cfg.output_dir)
     return result.metrics
 

@@ -1,12 +1,14 @@
 """Offline data: the seed's format, every bad-record error with file and line, batching."""
 
 import json
+import logging
 
 import pytest
 import torch
 
 from grpo_fast.data import (DataError, GroupCollator, load_offline_dataset, load_prompt_dataset,
                             load_scored_records, tokenize_group)
+from grpo_fast.losses import MAX_SCALED_SCORE
 from grpo_fast.modeling import build_byte_tokenizer
 
 GOOD = {"prompt": "1+1=", "completions": [{"text": "2", "score": 1.0}, {"text": "3", "score": 0.0}]}
@@ -56,17 +58,101 @@ def test_bad_records_name_file_and_line(tmp_path, bad, problem):
     assert len(load_scored_records(path, skip_invalid=True)) == 3
 
 
-def test_invalid_json_line_and_json_array_line_numbers(tmp_path):
+def test_invalid_json_line_and_json_array_line_numbers(tmp_path, caplog):
     path = tmp_path / "broken.jsonl"
-    path.write_text(json.dumps(GOOD) + "\n\n{not json}\n")
+    path.write_text(json.dumps(GOOD) + "\n\n{not json}\n" + json.dumps(GOOD) + "\n")
     with pytest.raises(DataError, match=r"broken\.jsonl:3: invalid JSON"):
         load_scored_records(str(path))
+    with caplog.at_level(logging.WARNING, logger="grpo_fast.data"):
+        assert len(load_scored_records(str(path), skip_invalid=True)) == 2
+    assert f"{path}:3: skipped invalid record: invalid JSON" in caplog.text
+    assert "skipped 1 invalid record(s), kept 2" in caplog.text
     arr = tmp_path / "arr.json"
     arr.write_text("[\n" + json.dumps(GOOD) + ",\n" + json.dumps({"prompt": "x"}) + "\n]\n")
     with pytest.raises(DataError, match=r"arr\.json:3: missing key 'completions'"):
         load_scored_records(str(arr))
     with pytest.raises(DataError, match="file not found"):
         load_scored_records(str(tmp_path / "none.jsonl"))
+
+
+def _with_byte(record, at, byte=b"\xff"):
+    """`record` as one JSON line with `byte` spliced in after the character offset `at`."""
+    line = json.dumps(record, ensure_ascii=False).encode()
+    cut = len(json.dumps(record, ensure_ascii=False)[:at].encode())
+    return line[:cut] + byte + line[cut:]
+
+
+def test_non_utf8_jsonl_line_is_named_and_skippable(tmp_path, caplog):
+    accented = {**GOOD, "prompt": "é1+1="}
+    column = json.dumps(accented, ensure_ascii=False).index("1+1") + 1
+    bad = _with_byte(accented, column - 1)
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b"\n".join([json.dumps(GOOD).encode(), bad, json.dumps(GOOD).encode(), b""]))
+    with pytest.raises(DataError) as info:
+        load_scored_records(str(path))
+    assert str(info.value).startswith(f"{path}:2: not valid UTF-8 (byte 0xff at column {column})")
+    with caplog.at_level(logging.WARNING, logger="grpo_fast.data"):
+        assert len(load_scored_records(str(path), skip_invalid=True)) == 2
+    assert f"{path}:2: skipped invalid record: not valid UTF-8" in caplog.text
+    assert "skipped 1 invalid record(s), kept 2" in caplog.text
+
+
+def test_json_array_defects_are_errors_even_with_skip_invalid(tmp_path):
+    arr = tmp_path / "arr.json"
+    arr.write_bytes(b"[\n" + json.dumps(GOOD).encode() + b",\n" + _with_byte(GOOD, 2, b"\xc3") + b"\n]\n")
+    with pytest.raises(DataError, match=r"arr\.json:3: not valid UTF-8 \(byte 0xc3 at column 3\)"):
+        load_scored_records(str(arr), skip_invalid=True)
+    arr.write_text("[\n" + json.dumps(GOOD) + ",\n{not json}\n]\n")
+    with pytest.raises(DataError, match=r"arr\.json:3: invalid JSON"):
+        load_scored_records(str(arr), skip_invalid=True)
+
+
+def test_prompt_files_stay_strict(tmp_path, tok):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "2+2="}\n{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: not valid UTF-8 \(byte 0xff at column 13\)"):
+        load_prompt_dataset(tok, path=str(path))
+    path.write_text('{"prompt": "2+2="}\n{"prompt": \n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: invalid JSON"):
+        load_prompt_dataset(tok, path=str(path))
+
+
+def test_jsonl_lines_split_only_at_newlines(tmp_path):
+    # U+2028 is legal inside a JSON string; str.splitlines would break the line there.
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({**GOOD, "prompt": "a\u2028b"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (record,) = load_scored_records(str(path))
+    assert record["prompt"] == "a\u2028b"
+
+
+@pytest.mark.parametrize("score, score_temperature, ok", [
+    (MAX_SCALED_SCORE, 1.0, True),
+    (-MAX_SCALED_SCORE / 4, 0.25, True),
+    (1e38, 1.0, False),          # finite in float32, but a difference of two such overflows
+    (MAX_SCALED_SCORE, 0.25, False),  # fine alone, overflows once divided by the temperature
+    (1e38, 4.0, False),          # |score| itself counts: scores are stored in float32 first
+    (1e308, 1.0, False),         # not even a float32
+    (10 ** 400, 1.0, False),     # a JSON integer beyond float range
+])
+def test_scores_are_bounded_for_float32_and_the_temperature(tmp_path, score, score_temperature, ok):
+    rec = {"prompt": "x", "completions": [{"text": "a", "score": 0}, {"text": "b", "score": score}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, rec])
+    if ok:
+        assert len(load_scored_records(path, score_temperature=score_temperature)) == 2
+        return
+    with pytest.raises(DataError) as info:
+        load_scored_records(path, score_temperature=score_temperature)
+    message = str(info.value)
+    assert message.startswith(f"{path}:2: completions[1].score ")
+    assert f"must be at most {MAX_SCALED_SCORE:.4g} (float32 max / 4)" in message
+
+
+def test_offline_dataset_passes_the_score_temperature(tmp_path, tok):
+    rec = {"prompt": "x", "completions": [{"text": "a", "score": 0}, {"text": "b", "score": 1e37}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [rec])
+    assert len(load_offline_dataset(path, tok, max_seq_length=16)) == 1
+    with pytest.raises(DataError, match=r"d\.jsonl:1: completions\[1\]\.score"):
+        load_offline_dataset(path, tok, max_seq_length=16, score_temperature=0.01)
 
 
 def test_tokenize_masks_only_completion_and_keeps_its_end(tok):

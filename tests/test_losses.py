@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from grpo_fast import losses
 from grpo_fast.losses import (
     LOSS_TYPES,
+    MAX_SCALED_SCORE,
     group_advantages,
     grpo_loss,
     listwise_kl_loss,
@@ -138,6 +139,38 @@ def test_listwise_without_eligible_group_is_zero_with_a_gradient_path():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(seq_logps.grad, torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_listwise_zero_weight_terms_contribute_exactly_zero(direction):
+    # Spreads past float32's range: log q (forward's weights) or log p (reverse's) is -inf for
+    # the second completion, whose weight is exactly 0; 0 * -inf must not turn into NaN.
+    far = torch.tensor([[3e38, -3e38]])
+    near = torch.tensor([[0.5, -1.0]])
+    seq_logps, scores = (near, far) if direction == "forward" else (far, near)
+    x = seq_logps.clone().requires_grad_(True)
+    loss = listwise_kl_loss(x, scores, torch.ones(1, 2, dtype=torch.bool), direction=direction)
+    loss.backward()
+    # Weights [1, 0]: the KL reduces to -log of the other distribution at 0, softmax(near)[0].
+    torch.testing.assert_close(loss, -near.log_softmax(-1)[0, 0])
+    assert torch.isfinite(x.grad).all()
+    if direction == "forward":
+        metrics = listwise_metrics(seq_logps, scores, torch.ones(1, 2, dtype=torch.bool))
+        assert metrics["kl"] == pytest.approx(loss.item())
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("score_temperature", [1.0, 0.25])
+def test_listwise_is_finite_at_the_score_bound(direction, score_temperature):
+    # The most extreme scores data validation lets through, in many groups: the float32 loss
+    # (up to MAX_SCALED_SCORE * 2 per reverse group) and its gradient stay finite.
+    bound = MAX_SCALED_SCORE * score_temperature
+    scores = torch.tensor([[bound, -bound, bound, -bound]]).repeat(8, 1)
+    x = torch.randn(8, 4, generator=_gen(5)).requires_grad_(True)
+    loss = listwise_kl_loss(x, scores, torch.ones(8, 4, dtype=torch.bool),
+                            score_temperature=score_temperature, direction=direction)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
 
 def test_listwise_rejects_bad_arguments():

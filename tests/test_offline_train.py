@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerState
 
 from grpo_fast.cli import main
 from grpo_fast.config import ConfigError, config_from_dict
@@ -60,7 +61,7 @@ def test_train_checkpoint_resume_adapter_and_eval(tmp_path, capsys):
         assert all(key in r for r in logged), key
 
     # Another run into the same directory would rotate its checkpoints away: refused.
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="already holds another run"):
         train(tiny_cfg(tmp_path, max_steps=6))
     # --resume continues from step 4 and keeps the two newest checkpoints.
     train(tiny_cfg(tmp_path, max_steps=6), resume=True)
@@ -83,7 +84,7 @@ def test_train_checkpoint_resume_adapter_and_eval(tmp_path, capsys):
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match="--resume: no checkpoint"):
+    with pytest.raises(ConfigError, match="--resume: no complete checkpoint"):
         train(tiny_cfg(tmp_path, max_steps=1), resume=True)
 
 
@@ -94,6 +95,7 @@ def _loss_and_grads(cfg, backend):
     batch = GroupCollator(tok.pad_token_id)([ds[i] for i in range(3)])
     trainer = OfflineGRPOTrainer.__new__(OfflineGRPOTrainer)
     trainer.cfg = cfg
+    trainer.state = TrainerState()
     trainer._init_metrics()
     loss = trainer.compute_loss(model, batch)
     loss.backward()

@@ -4,9 +4,13 @@ adapter save / reload with plain peft, attention choice, gradient checkpointing,
 LM head under the fused log-prob kernel (no V x H gradient).
 
 bitsandbytes >= 0.45 runs all of this on CPU: NF4/FP4 Linear4bit, LLM.int8 Linear8bitLt and the
-8-bit (paged) optimizers. The model is the shipped tiny Llama (configs/models/tiny-llama.json),
-built with random weights and saved once, since a random-weight model cannot be loaded
-quantized directly.
+8-bit (paged) optimizers. The models are the shipped tiny Llama and Qwen2 (biased q/k/v)
+(configs/models/tiny-*.json), built with random weights and saved once, since a random-weight
+model cannot be loaded quantized directly.
+
+bitsandbytes builds 4-bit linears differently on a CPU with AVX512-BF16 (a packed inference
+layout, which grpo_fast.modeling.unpack_cpu_4bit_layout turns off), so every 4-bit test runs on
+both kinds of CPU: this one, and the other simulated (`cpu_kind`).
 
     pytest tests/test_qlora.py
 """
@@ -23,21 +27,53 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from grpo_fast import logprobs, plan
 from grpo_fast.config import ConfigError, config_from_dict
-from grpo_fast.modeling import load_base_model, load_model_and_tokenizer, resolve_attn_implementation
+from grpo_fast.modeling import (
+    BNB_CPU_OPS_LOGGER,
+    BNB_KERNELS_HINT,
+    load_base_model,
+    load_model_and_tokenizer,
+    resolve_attn_implementation,
+    unpack_cpu_4bit_layout,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "models" / "tiny-llama.json")
+TINY_QWEN2 = str(REPO / "configs" / "models" / "tiny-qwen2.json")
 CPU = torch.device("cpu")
+SIMULATED = "avx512bf16-simulated"
+
+
+@pytest.fixture(params=["native", SIMULATED])
+def cpu_kind(request, monkeypatch) -> str:
+    """This CPU as it is, and one with AVX512-BF16 (AMD Zen4, recent Xeons) simulated: bitsandbytes
+    reads has_avx512bf16() in Linear4bit.__init__ only, so the 4-bit modules built while this
+    fixture is active are exactly what such a CPU builds."""
+    if request.param == SIMULATED:
+        monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    return request.param
+
+
+both_cpu_kinds = pytest.mark.usefixtures("cpu_kind")
+
+
+def save_base(tmp_path_factory, model_config: str) -> str:
+    """A random-weight model built from `model_config`, saved as a checkpoint with its
+    byte-level tokenizer."""
+    path = tmp_path_factory.mktemp(Path(model_config).stem)
+    model, tokenizer = load_base_model(make_cfg(model_path=model_config), CPU)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> str:
-    """The tiny random-weight Llama saved as a checkpoint (with its byte-level tokenizer)."""
-    path = tmp_path_factory.mktemp("tiny-base")
-    model, tokenizer = load_base_model(make_cfg(model_path=TINY), CPU)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_base(tmp_path_factory, TINY)
+
+
+@pytest.fixture(scope="module")
+def qwen2_base_dir(tmp_path_factory) -> str:
+    return save_base(tmp_path_factory, TINY_QWEN2)
 
 
 def make_cfg(**overrides):
@@ -77,6 +113,7 @@ def decoder_linears(model):
                            "gate_proj.base_layer", "up_proj.base_layer", "down_proj.base_layer"))}
 
 
+@both_cpu_kinds
 def test_4bit_load_quantizes_the_decoder_but_not_the_lm_head(base_dir):
     # bfloat16 as on a GPU, so the load's dtypes can be held against the planner's.
     cfg = qlora_cfg(base_dir, dtype="bfloat16")
@@ -109,6 +146,7 @@ def test_4bit_load_quantizes_the_decoder_but_not_the_lm_head(base_dir):
     assert {h.dtype for h in hidden} == {torch.bfloat16}
 
 
+@both_cpu_kinds
 def test_quantized_forward_tracks_the_full_precision_model(base_dir):
     full, _ = load_model_and_tokenizer(make_cfg(model_path=base_dir), CPU, trainable=False)
     quantized, _ = load_model_and_tokenizer(qlora_cfg(base_dir), CPU, trainable=False)
@@ -122,6 +160,7 @@ def test_quantized_forward_tracks_the_full_precision_model(base_dir):
     assert not torch.equal(got, ref)
 
 
+@both_cpu_kinds
 def test_lora_backward_reaches_only_the_adapters_and_a_step_moves_them(base_dir):
     model, _ = load_model_and_tokenizer(qlora_cfg(base_dir), CPU)
     model.train()
@@ -149,6 +188,7 @@ def test_lora_backward_reaches_only_the_adapters_and_a_step_moves_them(base_dir)
     assert loss_of(model).item() < loss_before
 
 
+@both_cpu_kinds
 def test_adapter_round_trip_with_plain_peft(base_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -172,6 +212,9 @@ def test_adapter_round_trip_with_plain_peft(base_dir, tmp_path):
                                                bnb_4bit_use_double_quant=True,
                                                bnb_4bit_compute_dtype=torch.bfloat16,
                                                llm_int8_skip_modules=["lm_head"]))
+    # On an AVX512-BF16 CPU, bitsandbytes would score this base with its packed bf16 kernel: held
+    # to the layout the adapter was trained with, the comparison is of the adapter alone.
+    unpack_cpu_4bit_layout(base)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         again, _ = logprobs.token_logprobs(reloaded, *batch(7), backend="chunked")
@@ -210,6 +253,7 @@ def test_auto_attention_is_sdpa_on_cpu_with_a_logged_reason(base_dir, caplog):
     assert any(m.startswith("attention: sdpa (FlashAttention-2 unavailable") for m in logged)
 
 
+@both_cpu_kinds
 def test_gradient_checkpointing_with_lora_gives_the_same_gradients(base_dir):
     grads = {}
     for checkpointing in (False, True):
@@ -224,6 +268,7 @@ def test_gradient_checkpointing_with_lora_gives_the_same_gradients(base_dir):
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6)
 
 
+@both_cpu_kinds
 def test_bitsandbytes_8bit_optimizers_step_on_cpu(base_dir, tmp_path):
     """Both ways the trainers build them: the offline Trainer (TrainingArguments.optim) and the
     online loop (grpo_fast.online.build_optimizer)."""
@@ -270,6 +315,7 @@ class _AllocatedShapes(TorchDispatchMode):
         return out
 
 
+@both_cpu_kinds
 def test_frozen_lm_head_gets_no_vocab_sized_gradient(base_dir):
     model, _ = load_model_and_tokenizer(qlora_cfg(base_dir), CPU)
     model.train()
@@ -284,3 +330,87 @@ def test_frozen_lm_head_gets_no_vocab_sized_gradient(base_dir):
     assert tuple(weight.shape) not in mode.shapes
     assert any(len(s) >= 2 and s[-1] == weight.shape[1] for s in mode.shapes)
     assert all(p.grad is not None for p in lora_params(model).values())
+
+
+def linear4bits(model) -> dict[str, bnb.nn.Linear4bit]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def test_qwen2_qlora_scores_and_trains_through_one_4bit_path(qwen2_base_dir, cpu_kind):
+    """Training steps on Qwen2 (biased q/k/v) with an eval-mode no-grad forward in between: what
+    rollouts and evals run, and the forward at which bitsandbytes on an AVX512-BF16 CPU would
+    repack its weights and switch every later forward, training ones too, to another kernel. At
+    each step the no-grad log-probs, and the training forward and backward after it, must equal
+    the training forward and backward before it."""
+    model, _ = load_model_and_tokenizer(qlora_cfg(qwen2_base_dir), CPU)
+    linears = linear4bits(model)
+    assert len(linears) == 2 * 7 and all(linears[n].bias is not None for n in linears if n.endswith("q_proj.base_layer"))
+    layout = {n: (m.weight.shape, m.weight.quant_state.nested) for n, m in linears.items()}
+    adapters = lora_params(model)
+    before = {n: p.detach().clone() for n, p in adapters.items()}
+    optimizer = torch.optim.AdamW(adapters.values(), lr=1e-2)
+
+    def train_forward_backward(seed):
+        model.train()
+        optimizer.zero_grad()
+        logps, _ = logprobs.token_logprobs(model, *batch(seed), backend="chunked")
+        loss = -logps.sum() / batch(seed)[2][:, 1:].sum()
+        assert torch.isfinite(loss), (cpu_kind, seed)
+        loss.backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in adapters.items()}
+
+    for seed in range(3):
+        logps, grads = train_forward_backward(seed)
+        model.eval()
+        with torch.no_grad():
+            scored, _ = logprobs.token_logprobs(model, *batch(seed), backend="chunked")
+        torch.testing.assert_close(scored, logps, rtol=0, atol=1e-6)
+        logps_after, grads_after = train_forward_backward(seed)
+        torch.testing.assert_close(logps_after, logps, rtol=0, atol=1e-6)
+        torch.testing.assert_close(grads_after, grads, rtol=0, atol=1e-6)
+        optimizer.step()
+    assert all(not torch.equal(before[n], p) for n, p in adapters.items())
+    # The weights keep the layout they were loaded (and are saved) in.
+    assert layout == {n: (m.weight.shape, m.weight.quant_state.nested) for n, m in linears.items()}
+
+
+def test_turning_the_packed_layout_off_is_logged_once_where_it_was_on(base_dir, cpu_kind, caplog):
+    with caplog.at_level(logging.INFO, logger="grpo_fast.modeling"):
+        model, _ = load_base_model(qlora_cfg(base_dir), CPU)
+    logged = [r.getMessage() for r in caplog.records if "packed CPU 4-bit layout" in r.getMessage()]
+    # has_avx512bf16 as imported by bitsandbytes.functional: this CPU's own answer, unpatched.
+    was_on = cpu_kind == SIMULATED or bnb.functional.has_avx512bf16()
+    assert logged == (["bitsandbytes: packed CPU 4-bit layout (AVX512-BF16) turned off on 14 linears, so "
+                       "every forward dequantizes the same weights"] if was_on else [])
+    assert not any(m.support_avx512bf16_for_cpu for m in linear4bits(model).values())
+
+
+def test_a_weight_already_packed_is_unpacked_to_its_saved_layout(base_dir):
+    model, _ = load_base_model(qlora_cfg(base_dir), CPU)
+    linear = model.model.layers[0].mlp.down_proj
+    state = linear.weight.quant_state
+    saved = linear.weight.data.clone()
+    dequantized = bnb.functional.dequantize_4bit(saved, state)
+    # What Linear4bit.forward does on an AVX512-BF16 CPU at its first eval-mode no-grad forward.
+    linear.weight.data, linear.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(saved.clone(), state)
+    assert linear.weight.shape != saved.shape
+    assert unpack_cpu_4bit_layout(model) == 1
+    assert not linear.weight.quant_state.packing_format_for_cpu and linear.weight.quant_state.nested
+    assert torch.equal(linear.weight.data, saved)
+    # The absmax scales went through bf16 in the packed layout: equal to bf16 precision.
+    torch.testing.assert_close(bnb.functional.dequantize_4bit(linear.weight.data, linear.weight.quant_state),
+                               dequantized, rtol=1e-2, atol=0)
+
+
+def test_the_kernels_install_hint_of_bitsandbytes_is_dropped(caplog):
+    import bitsandbytes.backends.cpu.ops as cpu_ops
+
+    # The message is still bitsandbytes' own (an upgrade that rewords it shows here).
+    assert BNB_KERNELS_HINT in Path(cpu_ops.__file__).read_text()
+    ops_logger = logging.getLogger(BNB_CPU_OPS_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=BNB_CPU_OPS_LOGGER):
+        ops_logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
+                           "you already `pip install kernels` and the kernels >= 0.11.1",
+                           ImportError("No module named 'kernels'"))
+        ops_logger.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]

@@ -1,6 +1,7 @@
 """Tests for grpo_fast.rewards: built-in rewards, loading specs, and batch scoring."""
 
 import math
+import re
 import textwrap
 
 import pytest
@@ -146,7 +147,7 @@ def test_load_builtins_with_weights_and_kwargs():
 
 def test_load_unknown_builtin_lists_builtins():
     builtins = r"'exact_match', 'format', 'length', 'math_answer'"
-    with pytest.raises(ValueError, match=rf"unknown reward 'accuracy'.*{builtins}"):
+    with pytest.raises(ValueError, match=rf"^online\.rewards\[0\] 'accuracy': unknown reward.*{builtins}"):
         load_reward_functions([{"name": "accuracy"}])
 
 
@@ -183,6 +184,37 @@ def test_load_function_from_module(tmp_path, monkeypatch):
         load_reward_functions([{"name": "my_rewards_mod:NOT_CALLABLE"}])
     with pytest.raises(ValueError, match=r"'broken_rewards_mod'.*boom at import"):
         load_reward_functions([{"name": "broken_rewards_mod:fn"}])
+
+
+def test_load_errors_are_one_line_naming_spec_and_cause(tmp_path, monkeypatch):
+    (tmp_path / "syntax_rewards_mod.py").write_text("x = 1\ny = 2\nz = = 3\n")
+    (tmp_path / "raising_rewards_mod.py").write_text("raise RuntimeError('line one\\nline two')\n")
+    (tmp_path / "good_rewards_mod.py").write_text("def fn(prompts, completions, **kw):\n    return [0.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def error(spec):
+        with pytest.raises(ValueError) as info:
+            load_reward_functions([{"name": "format"}, spec])
+        return str(info.value)
+
+    assert error({"name": "syntax_rewards_mod:fn"}) == (
+        "online.rewards[1] 'syntax_rewards_mod:fn': cannot import module 'syntax_rewards_mod': "
+        "SyntaxError: invalid syntax (syntax_rewards_mod.py, line 3)"
+    )
+    assert error({"name": "raising_rewards_mod:fn"}) == (
+        "online.rewards[1] 'raising_rewards_mod:fn': cannot import module 'raising_rewards_mod': "
+        "RuntimeError: line one line two"
+    )
+    assert error({"name": "good_rewards_mod:nope"}) == (
+        "online.rewards[1] 'good_rewards_mod:nope': module 'good_rewards_mod' has no attribute 'nope'"
+    )
+    assert error({"name": "format", "weight": float("inf")}) == (
+        "online.rewards[1] 'format': 'weight' must be a finite number, got inf"
+    )
+    assert error({"name": "length", "kwargs": ["target"]}) == (
+        "online.rewards[1] 'length': 'kwargs' must be a mapping, got list"
+    )
+    assert error({"name": 7}).startswith("online.rewards[1]: reward spec must be a mapping with a 'name'")
 
 
 def test_load_rejects_malformed_specs():
@@ -230,10 +262,42 @@ def test_compute_rewards_passes_columns():
 
 
 def test_array_outputs_are_accepted():
-    as_tensor = _reward("t", lambda prompts, completions, **kw: torch.tensor([1.0, math.nan]))
+    as_tensor = _reward("t", lambda prompts, completions, **kw: torch.tensor([1.0, 0.5]))
     per_fn, total = compute_rewards([as_tensor], ["p", "q"], ["a", "b"], {})
-    assert math.isnan(per_fn[1, 0])
-    torch.testing.assert_close(total, torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(per_fn, torch.tensor([[1.0], [0.5]]))
+    torch.testing.assert_close(total, torch.tensor([1.0, 0.5]))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_non_finite_reward_is_an_error_not_none(bad, as_tensor):
+    rewards = [0.0, None, 1.0, bad]
+    if as_tensor:  # a tensor cannot hold None; NaN in it must not pass for one either
+        rewards = torch.tensor([0.0, 0.5, 1.0, bad])
+    fn = _reward("my_fn", lambda prompts, completions, **kw: rewards)
+    expected = f"reward function 'my_fn' returned {bad} for sample 3 (return None for 'not applicable')"
+    with pytest.raises(ValueError) as info:
+        compute_rewards([fn], ["p"] * 4, ["c"] * 4, {})
+    assert str(info.value) == expected
+
+
+def test_weighted_rewards_that_overflow_float32_are_an_error():
+    def constant(value):
+        return lambda prompts, completions, **kw: [0.0, value]
+
+    cases = [
+        ([_reward("huge", constant(1e39))], "'huge': its reward for sample 1 times weight 1 overflows"),
+        ([_reward("zero_weight", constant(1e39), weight=0.0)], "'zero_weight': its reward for sample 1"),
+        ([_reward("heavy", constant(1e38), weight=10.0)], "'heavy': its reward for sample 1 times weight 10"),
+        ([_reward("a", constant(3e38)), _reward("b", constant(3e38))],
+         "the weighted rewards of sample 1 sum past float32's range"),
+    ]
+    for fns, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            compute_rewards(fns, ["p"] * 2, ["c"] * 2, {})
+    # Large but representable: fine.
+    _, total = compute_rewards([_reward("big", constant(1e38), weight=2.0)], ["p"] * 2, ["c"] * 2, {})
+    assert torch.isfinite(total).all()
 
 
 def test_raising_reward_function_is_reported_by_name():
@@ -250,7 +314,7 @@ def test_wrong_length_or_type_is_reported_by_name():
     with pytest.raises(ValueError, match=r"'short' returned 1 rewards, expected 2"):
         compute_rewards([short], ["p", "q"], ["a", "b"], {})
     textual = _reward("textual", lambda prompts, completions, **kw: ["1.0"])
-    with pytest.raises(ValueError, match=r"'textual' returned a non-numeric reward at index 0"):
+    with pytest.raises(ValueError, match=r"'textual' returned a non-numeric reward for sample 0"):
         compute_rewards([textual], ["p"], ["a"], {})
     scalar = _reward("scalar", lambda prompts, completions, **kw: 1.0)
     with pytest.raises(ValueError, match=r"'scalar' must return a list"):

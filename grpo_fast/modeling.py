@@ -39,24 +39,6 @@ PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 # one-token tokenizer for some model types (Qwen2, GPT-2) and a reshape error follows much later.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-# On a CPU with AVX512-BF16, importing bitsandbytes tries to fetch a gemm_4bit_forward kernel from
-# the hub (the `kernels` package) and, failing, warns at every start to `pip install kernels`.
-# That kernel only serves bitsandbytes' packed CPU 4-bit layout, which `unpack_cpu_4bit_layout`
-# turns off on every model grpo-fast loads, so the advice is wrong here: drop exactly that
-# message. The filter only acts if this module is imported before bitsandbytes first is (peft and
-# transformers' Trainer import it).
-BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
-BNB_KERNELS_HINT = "Failed to load CPU gemm_4bit_forward from kernels-community"
-
-
-class _DropKernelsHint(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(BNB_KERNELS_HINT)
-
-
-logging.getLogger(BNB_CPU_OPS_LOGGER).addFilter(_DropKernelsHint())
-
-
 def is_model_config_file(model_path: str) -> bool:
     return model_path.endswith(".json") and Path(model_path).is_file()
 
@@ -346,7 +328,9 @@ def load_model_and_tokenizer(cfg: Config, device: Optional[torch.device] = None,
     model, tokenizer = load_base_model(cfg, device, base_dir=base_dir)
     if output_dir and base_dir is None and is_model_config_file(cfg.model_path) and cfg.lora.enabled:
         target = Path(output_dir) / BASE_MODEL_DIR
-        if not (target / "config.json").is_file():
+        # A fresh run writes it anew (one left by a run that died before anything else was saved
+        # may come from another seed); a resumed run keeps the one its checkpoints were trained on.
+        if not adapter_path or not (target / "config.json").is_file():
             model.save_pretrained(target)
             tokenizer.save_pretrained(target)
     if cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit:

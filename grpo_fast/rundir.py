@@ -41,10 +41,12 @@ RNG_TENSORS = "rng_state.safetensors"
 RNG_JSON = "rng_state.json"
 
 # What an earlier run leaves in its output_dir. Any of these means "another run lives here":
-# its final model or adapter, its logs, its resolved config, its checkpoints.
+# its final model or adapter, its logs, its resolved config, its checkpoints. (Not base_model/,
+# which a run writes before its first step: alone, it is a run that died before saving anything,
+# and the next run rewrites it.)
 RUN_MARKERS = (METRICS_FILE, COMPLETIONS_FILE, CONFIG_FILE, "adapter_config.json",
                "adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
-               "pytorch_model.bin", "base_model")
+               "pytorch_model.bin")
 
 # A checkpoint counts as complete only when every one of these is in it (weights are checked
 # separately: adapter or full model, single file or sharded).

@@ -41,3 +41,16 @@ def tiny_lora_model():
             if "lora_B" in name:
                 p.normal_(std=0.05)
     return model
+
+
+@pytest.fixture(params=["native", "avx512bf16-simulated"])
+def cpu_kind(request, monkeypatch) -> str:
+    """This CPU as it is, and one with AVX512-BF16 (AMD Zen4, recent Xeons) simulated: bitsandbytes
+    reads has_avx512bf16() in Linear4bit.__init__ only, so the 4-bit modules built while this
+    fixture is active are exactly what such a CPU builds (it switches them to a packed CPU layout
+    at inference; grpo_fast.modeling.unpack_cpu_4bit_layout turns that off)."""
+    if request.param == "avx512bf16-simulated":
+        import bitsandbytes.nn.modules
+
+        monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    return request.param

@@ -75,7 +75,7 @@ def all_finite(ckpt: Path) -> bool:
 
 @pytest.mark.parametrize("marker", rundir.RUN_MARKERS + ("checkpoint-3",))
 def test_a_fresh_run_refuses_any_earlier_runs_output(tmp_path, marker):
-    (tmp_path / marker).mkdir() if marker in ("base_model", "checkpoint-3") else (tmp_path / marker).write_text("x")
+    (tmp_path / marker).mkdir() if marker == "checkpoint-3" else (tmp_path / marker).write_text("x")
     with pytest.raises(ConfigError, match=f"already holds another run.*{marker}"):
         prepare_output_dir(tmp_path, resume=False, required=ONLINE_CHECKPOINT_FILES)
     assert prepare_output_dir(tmp_path / "fresh", resume=False, required=ONLINE_CHECKPOINT_FILES) is None
@@ -333,3 +333,16 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(prompts_file, t
     code, err, _ = run_cli(["train", "--config", _write_yaml(tmp_path, data)], capsys)
     assert code == 2 and len(err) == 1 and expected in err[0], err
     assert not loaded
+
+
+def test_a_run_that_died_before_saving_anything_does_not_block_the_next(tmp_path, monkeypatch):
+    """Only base_model/ is left (written before step 1): the next run trains, rewriting it."""
+    cfg = offline_cfg(tmp_path, max_steps=1, seed=1)
+    monkeypatch.setattr(OfflineGRPOTrainer, "train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.undo()
+    stale = load_file(str(tmp_path / "run" / "base_model" / "model.safetensors"))
+    train(offline_cfg(tmp_path, max_steps=1, seed=2))
+    fresh = load_file(str(tmp_path / "run" / "base_model" / "model.safetensors"))
+    assert any(not torch.equal(stale[k], fresh[k]) for k in stale), "the seed-2 base replaced seed 1's"

@@ -265,18 +265,6 @@ def test_layer_formula_matches_autograd_saved_tensors(tmp_path, quantization, dt
     assert per_layer == pytest.approx(predicted, rel=0.01)
 
 
-@pytest.fixture(params=["native", "avx512bf16-simulated"])
-def cpu_kind(request, monkeypatch) -> str:
-    """This CPU, and one with AVX512-BF16 simulated, where bitsandbytes builds its 4-bit linears
-    for a packed CPU layout (it reads has_avx512bf16() in Linear4bit.__init__ only); as in
-    tests/test_qlora.py."""
-    if request.param == "avx512bf16-simulated":
-        import bitsandbytes.nn.modules
-
-        monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
-    return request.param
-
-
 def _profiled_peak(fn) -> int:
     """Peak bytes allocated on CPU while fn runs, above the level when it starts."""
     from torch.profiler import ProfilerActivity, profile

@@ -27,9 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from grpo_fast import logprobs, plan
 from grpo_fast.config import ConfigError, config_from_dict
+from grpo_fast import BNB_CPU_OPS_LOGGER, BNB_KERNELS_HINT
 from grpo_fast.modeling import (
-    BNB_CPU_OPS_LOGGER,
-    BNB_KERNELS_HINT,
     load_base_model,
     load_model_and_tokenizer,
     resolve_attn_implementation,
@@ -41,16 +40,6 @@ TINY = str(REPO / "configs" / "models" / "tiny-llama.json")
 TINY_QWEN2 = str(REPO / "configs" / "models" / "tiny-qwen2.json")
 CPU = torch.device("cpu")
 SIMULATED = "avx512bf16-simulated"
-
-
-@pytest.fixture(params=["native", SIMULATED])
-def cpu_kind(request, monkeypatch) -> str:
-    """This CPU as it is, and one with AVX512-BF16 (AMD Zen4, recent Xeons) simulated: bitsandbytes
-    reads has_avx512bf16() in Linear4bit.__init__ only, so the 4-bit modules built while this
-    fixture is active are exactly what such a CPU builds."""
-    if request.param == SIMULATED:
-        monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
-    return request.param
 
 
 both_cpu_kinds = pytest.mark.usefixtures("cpu_kind")
@@ -344,7 +333,9 @@ def test_qwen2_qlora_scores_and_trains_through_one_4bit_path(qwen2_base_dir, cpu
     the training forward and backward before it."""
     model, _ = load_model_and_tokenizer(qlora_cfg(qwen2_base_dir), CPU)
     linears = linear4bits(model)
-    assert len(linears) == 2 * 7 and all(linears[n].bias is not None for n in linears if n.endswith("q_proj.base_layer"))
+    assert len(linears) == 2 * 7
+    assert all((m.bias is not None) == n.endswith(("q_proj.base_layer", "k_proj.base_layer", "v_proj.base_layer"))
+               for n, m in linears.items())
     layout = {n: (m.weight.shape, m.weight.quant_state.nested) for n, m in linears.items()}
     adapters = lora_params(model)
     before = {n: p.detach().clone() for n, p in adapters.items()}

@@ -23,7 +23,7 @@ Why relative errors of whole updates rather than elementwise tolerances: Adam's 
 about lr * g / (|g| + eps), so a coordinate whose gradient is ~1e-7 turns float rounding (the
 trainer's fused kernel and shared-prompt forward vs the plain forward here) into a visible
 difference in that one coordinate. Summed over the whole update the rounding stays ~1e-5 of its
-norm, while each wiring bug above moves it by 5-70%.
+norm, while each wiring bug above moves it by 3% or more.
 
     pytest tests/test_wiring.py
 """

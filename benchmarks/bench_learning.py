@@ -39,9 +39,11 @@ from typing import Callable, Optional
 import torch
 
 from grpo_fast.config import load_config
-from grpo_fast.online import OnlineTrainer, greedy_eval, prompt_records
+from grpo_fast.data import prompt_records
+from grpo_fast.evaluate import greedy_eval
+from grpo_fast.online import OnlineTrainer
 from grpo_fast.rewards import load_reward_functions
-from grpo_fast.rollout import eos_token_ids
+from grpo_fast.rollout import eos_token_ids, make_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "arithmetic-grpo.yaml"
@@ -62,8 +64,8 @@ class Evaluator:
 
     def __call__(self, model, tokenizer) -> float:
         records = prompt_records(self.cfg, tokenizer, self.cfg.eval_dataset_path)[:self.cfg.online.eval_max_samples]
-        eos = eos_token_ids(model, tokenizer)
-        return greedy_eval(self.cfg, model, tokenizer, self.reward_fns, eos, records)["accuracy"]
+        backend = make_backend(self.cfg, model, tokenizer, eos_token_ids(model, tokenizer))
+        return greedy_eval(backend, self.reward_fns, records)["accuracy"]
 
 
 class Curve:

@@ -53,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def train(cfg, resume: bool = False) -> dict:
+    """Train in cfg.mode; returns the run's summary metrics. The trainers load lazily: `plot` and
+    the error paths need neither torch's models nor transformers."""
+    if cfg.mode == "offline":
+        from .offline import train_offline
+
+        return train_offline(cfg, resume)
+    from .online import train_online
+
+    return train_online(cfg, resume)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -69,9 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             torch.set_num_threads(cfg.cpu_threads)
         if args.command == "train":
-            from .trainer import train
-
-            logger.info("resolved config:\n%s", cfg.to_yaml())
+            logger.info("resolved config (%s mode):\n%s", cfg.mode, cfg.to_yaml(for_mode=True))
             train(cfg, resume=args.resume)
         elif args.command == "eval":
             from .evaluate import evaluate

@@ -22,6 +22,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+# The registries the config validates against: the loss types and the rollout backends.
+from . import losses
+from .rollout import backend_names
+
 
 class ConfigError(ValueError):
     """A config problem; the message names the file and the dotted key."""
@@ -91,7 +95,11 @@ class OnlineConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    # Which rollout backend generates the completions (grpo_fast/rollout/): `hf` decodes with the
+    # policy's own forward.
+    generation_backend: str = "hf"
+    # A name registered in grpo_fast.losses (grpo, bnpo, dr_grpo, dapo, or a plugin's).
+    loss_type: str = "dapo"
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     # beta = 0 skips the reference forward entirely (DAPO / Dr. GRPO practice).
@@ -135,8 +143,11 @@ class Config:
     eval_dataset_path: Optional[str] = None
     output_dir: str = "outputs/run"
     logging_dir: Optional[str] = None
+    # Offline only: prompt + completion tokens per sequence, cut from the left (online has
+    # online.max_prompt_length and online.max_completion_length).
     max_seq_length: int = 512
-    # offline: groups (prompts) per micro-batch; online: prompts per micro-batch (x G samples).
+    # Per micro-batch: offline, groups of scored completions; online, prompts (each sampled
+    # online.num_generations times). See MODE_ONLY_KEYS for the keys only one mode reads.
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     num_epochs: float = 1.0
@@ -172,11 +183,24 @@ class Config:
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, for_mode: bool = False) -> dict:
+        """Every key; with `for_mode`, only those this config's mode reads."""
+        data = dataclasses.asdict(self)
+        if for_mode:
+            for key in MODE_ONLY_KEYS["online" if self.mode == "offline" else "offline"]:
+                data.pop(key)
+        return data
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, for_mode: bool = False) -> str:
+        return yaml.safe_dump(self.to_dict(for_mode), sort_keys=False)
+
+
+# Keys that only one mode reads; the other ignores them. (Keys whose meaning changes with the
+# mode: `batch_size` counts groups of scored completions offline and prompts online, each of
+# which becomes online.num_generations completions; `num_epochs` passes over the groups or the
+# prompts.)
+MODE_ONLY_KEYS = {"offline": ("max_seq_length", "skip_invalid", "offline"),
+                  "online": ("online",)}
 
 
 def _type_name(tp: Any) -> str:
@@ -283,6 +307,10 @@ def validate(cfg: Config) -> Config:
     _check(cfg.num_epochs > 0 or cfg.max_steps > 0, "num_epochs", "must be > 0 (or set max_steps)")
     _check(0.0 <= cfg.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio}")
     _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
+    _check(cfg.online.loss_type in losses.LOSS_TYPES, "online.loss_type",
+           f"expected one of {', '.join(map(repr, losses.LOSS_TYPES))}, got {cfg.online.loss_type!r}")
+    _check(cfg.online.generation_backend in backend_names(), "online.generation_backend",
+           f"expected one of {', '.join(map(repr, backend_names()))}, got {cfg.online.generation_backend!r}")
     _check(0.0 < cfg.online.top_p <= 1.0, "online.top_p", f"must be in (0, 1], got {cfg.online.top_p}")
     _check(cfg.online.top_k >= 0, "online.top_k", f"must be >= 0, got {cfg.online.top_k}")
     _check(not (cfg.quantization.load_in_4bit and cfg.quantization.load_in_8bit),

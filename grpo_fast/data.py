@@ -25,11 +25,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
 from .losses import MAX_SCALED_SCORE
+
+if TYPE_CHECKING:
+    from .config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -289,3 +292,42 @@ def load_prompt_dataset(tokenizer, *, path: Optional[str] = None, name: Optional
     if not records:
         raise DataError(f"{path or name}: no prompts")
     return records
+
+
+def prompt_records(cfg: "Config", tokenizer, path: Optional[str], hub: bool = False) -> list[dict]:
+    """Prompt records from a file, or (with `hub`, when path is None) from the configured
+    `datasets` hub dataset, rendered as the config asks (chat template, system prompt)."""
+    o = cfg.online
+    hub_args = dict(name=o.dataset_name, config_name=o.dataset_config, split=o.dataset_split) if hub else {}
+    return load_prompt_dataset(tokenizer, path=path, prompt_column=o.prompt_column,
+                               chat_template=o.chat_template, system_prompt=o.system_prompt, **hub_args)
+
+
+class PromptStream:
+    """An endless stream of prompt indices, each epoch a fresh seeded permutation.
+
+    `position` (prompts consumed so far) is all the state there is, so a checkpoint restores the
+    exact stream. A step may straddle two epochs; no prompt is dropped or padded."""
+
+    def __init__(self, num_prompts: int, seed: int, position: int = 0):
+        self.num_prompts, self.seed, self.position = num_prompts, seed, position
+        self._epoch, self._order = -1, []
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_prompts, generator=generator).tolist()
+        return self._order
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            epoch, offset = divmod(self.position, self.num_prompts)
+            chunk = self._permutation(epoch)[offset:offset + k - len(out)]
+            out += chunk
+            self.position += len(chunk)
+        return out
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.num_prompts

@@ -17,12 +17,16 @@ against the padded forward by tests/test_packing.py.
 G times: its KV cache is computed once per distinct prompt and indexed out to the completions,
 so autograd sums the G completions' gradients into it: the same log-probs and gradients up to
 float rounding (tests/test_shared_prompt.py). `group_logprobs` does the same for offline groups.
+
+The trainers' entry points are `group_logprobs` (offline groups) and `completion_logps` /
+`reference_logps` (online rollouts, at the rollout's sampling temperature); both accept a model
+wrapped in DistributedDataParallel (`as_forward`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -281,13 +285,33 @@ def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion
     return prompt_ids, prompt_mask, completion_ids, completion
 
 
+def as_forward(model, fn: Callable[[torch.nn.Module], Any]) -> Any:
+    """`fn(model)`, where `model` may be wrapped by DistributedDataParallel: then `fn` runs on the
+    wrapped model *as the wrapper's forward*, so that DDP arms its gradient all-reduce for the
+    backward (calling the inner model directly would skip it and let ranks drift apart), while
+    `fn` reaches the decoder and the LM head, which the wrapper does not expose."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return fn(model)
+    inner = model.module
+    inner.forward = lambda: fn(inner)  # an instance attribute shadows the class's forward
+    try:
+        return model()
+    finally:
+        del inner.forward
+
+
 def group_logprobs(model, batch: dict[str, torch.Tensor], *, normalize: bool = False,
                    backend: str = "auto", shared_prompt: bool = False) -> torch.Tensor:
     """Sequence log-probs (B, K) of a padded batch of groups (grpo_fast.data.GroupCollator);
-    padded group slots (group_mask False) are never run and read 0.
+    padded group slots (group_mask False) are never run and read 0. `model` may be wrapped in
+    DDP (`as_forward`).
 
     `shared_prompt` runs a group's prompt once for its K completions (`shared_prompt_logprobs`),
     unless the model checkpoints gradients or a row's prompt was truncated away entirely."""
+    return as_forward(model, lambda m: _group_logprobs(m, batch, normalize, backend, shared_prompt))
+
+
+def _group_logprobs(model, batch, normalize, backend, shared_prompt) -> torch.Tensor:
     sel = batch["group_mask"].bool()                                     # (B, K)
     ids, attn, comp = batch["input_ids"][sel], batch["attention_mask"][sel], batch["completion_mask"][sel]
     rows = split_rows(ids, attn, comp) if shared_prompt and not checkpoints_activations(model) else None
@@ -300,3 +324,42 @@ def group_logprobs(model, batch: dict[str, torch.Tensor], *, normalize: bool = F
             seq = seq / rows[3].sum(dim=1).clamp(min=1)
     out = torch.zeros(sel.shape, dtype=seq.dtype, device=seq.device)
     return out.masked_scatter(sel, seq)                                  # (B, K)
+
+
+def completion_logps(model, roll, *, backend: str = "auto", shared_prompt: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies (N, C) of a rollout's (grpo_fast.rollout.Rollout)
+    completion tokens, zero after EOS, at the temperature the rollout was sampled at (read from
+    it, so they describe the distribution that was sampled). `model` may be wrapped in DDP.
+
+    `shared_prompt` runs each distinct prompt once (`shared_prompt_logprobs`), unless the model
+    checkpoints gradients (HF then refuses the KV cache it needs)."""
+    return as_forward(model, lambda m: _completion_logps(m, roll, backend, shared_prompt))
+
+
+def _completion_logps(model, roll, backend, shared_prompt) -> tuple[torch.Tensor, torch.Tensor]:
+    if shared_prompt and not checkpoints_activations(model):
+        return shared_prompt_logprobs(
+            model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
+            temperature=roll.temperature, backend=backend)                             # (N, C) x2
+    logps, entropy = token_logprobs(
+        model, roll.input_ids, roll.attention_mask, roll.loss_mask, temperature=roll.temperature,
+        backend=backend, position_ids=roll.position_ids)                             # (N, P+C-1) x2
+    # Column t scores input_ids[:, t+1]: the completion starts at column P-1.
+    start = roll.prompt_ids.size(1) - 1
+    return logps[:, start:], entropy[:, start:]                                       # (N, C) x2
+
+
+@torch.no_grad()
+def reference_logps(model, ref_model, roll, *, backend: str = "auto", shared_prompt: bool = True
+                    ) -> torch.Tensor:
+    """(N, C) log-probs under the reference policy: `ref_model` (the frozen copy of full
+    fine-tuning) when given, else `model` (a PeftModel) with its LoRA adapter switched off, which
+    needs no second copy of the weights."""
+    kwargs = dict(backend=backend, shared_prompt=shared_prompt)
+    if ref_model is not None:
+        return completion_logps(ref_model, roll, **kwargs)[0]
+    # No backward follows, so a DDP wrapper has nothing to arm: use the model inside it.
+    model = getattr(model, "module", model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    with model.disable_adapter():
+        return completion_logps(model, roll, **kwargs)[0]

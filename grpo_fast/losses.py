@@ -43,6 +43,7 @@ and a named reduction (``LOSS_TYPES``) turns the masked ``l_it`` into a scalar. 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,10 +51,12 @@ from torch import Tensor
 
 __all__ = [
     "LOSS_TYPES",
+    "LossType",
     "MAX_SCALED_SCORE",
     "group_advantages",
     "grpo_loss",
     "listwise_kl_loss",
+    "get_loss_type",
     "listwise_metrics",
     "register_loss_type",
     "zero_std_fraction",
@@ -294,29 +297,56 @@ def zero_std_fraction(rewards: Tensor, num_generations: int) -> float:
 # A reduction maps (per_token_loss (N, T) already zeroed at padding, mask (N, T) bool,
 # max_completion_length, num_items_in_batch) to the scalar loss.
 Reduction = Callable[[Tensor, Tensor, int | None, int | Tensor | None], Tensor]
-_REDUCTIONS: dict[str, Reduction] = {}
+
+
+@dataclass(frozen=True)
+class LossType:
+    """A registered `online.loss_type`: its reduction, and how the losses of a step's
+    micro-batches combine.
+
+    ``global_normalizer``: the reduction divides by ``num_items_in_batch``, the completion tokens
+    of the whole step (all gradient-accumulation micro-batches and ranks), so micro-batch losses
+    simply add up; and a completion of zero advantage then adds exactly 0 to the loss and the
+    gradient (with beta = 0), so the trainer may skip it. Otherwise the reduction normalizes
+    within a micro-batch, the trainer divides each micro-batch's loss by the number of
+    micro-batches (the mean over them), and every row must be present."""
+
+    name: str
+    reduce: Reduction
+    global_normalizer: bool = False
+
+
+_LOSS_TYPES: dict[str, LossType] = {}
 LOSS_TYPES: tuple[str, ...] = ()
 
 
-def register_loss_type(name: str) -> Callable[[Reduction], Reduction]:
-    """Register a reduction under ``name`` so ``grpo_loss(..., loss_type=name)`` can use it.
+def register_loss_type(name: str, *, global_normalizer: bool = False) -> Callable[[Reduction], Reduction]:
+    """Register a reduction under ``name``: ``grpo_loss(..., loss_type=name)`` and the config's
+    ``online.loss_type`` accept it, and the trainer reads its `LossType` record.
 
     The decorated function is called as
     ``fn(per_token_loss, mask, max_completion_length, num_items_in_batch) -> scalar`` where
     ``per_token_loss`` is (N, T) with padding already zeroed and ``mask`` is (N, T) bool.
-    ``LOSS_TYPES`` is kept in sync. Re-registering a name is an error, so a plugin cannot
-    silently replace a built-in.
+    ``global_normalizer``: see `LossType`. ``LOSS_TYPES`` is kept in sync. Re-registering a name
+    is an error, so a plugin cannot silently replace a built-in.
     """
 
     def decorator(fn: Reduction) -> Reduction:
         global LOSS_TYPES
-        if name in _REDUCTIONS:
+        if name in _LOSS_TYPES:
             raise ValueError(f"loss type {name!r} is already registered")
-        _REDUCTIONS[name] = fn
-        LOSS_TYPES = tuple(_REDUCTIONS)
+        _LOSS_TYPES[name] = LossType(name, fn, global_normalizer)
+        LOSS_TYPES = tuple(_LOSS_TYPES)
         return fn
 
     return decorator
+
+
+def get_loss_type(name: str) -> LossType:
+    """The registered record of `name`; ValueError naming the registered ones otherwise."""
+    if name not in _LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {name!r}; expected one of {', '.join(LOSS_TYPES)}")
+    return _LOSS_TYPES[name]
 
 
 @register_loss_type("grpo")
@@ -341,7 +371,7 @@ def _reduce_dr_grpo(per_token_loss, mask, max_completion_length, num_items_in_ba
     return per_token_loss.sum() / (per_token_loss.size(0) * max_completion_length)
 
 
-@register_loss_type("dapo")
+@register_loss_type("dapo", global_normalizer=True)
 def _reduce_dapo(per_token_loss, mask, max_completion_length, num_items_in_batch):
     """sum_it l_it / num_items_in_batch (DAPO token-level loss): every token of the *global*
     batch (all accumulation steps and processes) weighs the same. Falls back to this batch's
@@ -401,8 +431,7 @@ def grpo_loss(
         rho < 1 - epsilon_low), ``clip_ratio/high_mean`` (A > 0 and rho > 1 + epsilon_high) and
         ``clip_ratio/region_mean`` (either): the tokens whose gradient the clip switched off.
     """
-    if loss_type not in _REDUCTIONS:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    reduce = get_loss_type(loss_type).reduce
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={beta} needs ref_logps (pass beta=0.0 to train without a reference)")
     if logps.dim() != 2 or mask.shape != logps.shape or advantages.shape != logps.shape[:1]:
@@ -430,7 +459,7 @@ def grpo_loss(
             per_token_loss = per_token_loss + beta * k3
 
     per_token_loss = torch.where(mask, per_token_loss, 0.0)
-    loss = _REDUCTIONS[loss_type](per_token_loss, mask, max_completion_length, num_items_in_batch)
+    loss = reduce(per_token_loss, mask, max_completion_length, num_items_in_batch)
     return loss, _grpo_metrics(ratio, adv, k3, mask, epsilon_low, epsilon_high)
 
 

@@ -11,6 +11,7 @@ reads top to bottom:
     rollout (no grad) -> rewards (B*G, F) -> group-relative advantages (B*G,)
     -> frozen log-probs: old (mu > 1 only), reference (beta > 0 only)
     -> mu x [per micro-batch: per-token log-probs -> grpo_loss -> backward] -> clip -> AdamW step
+    -> backend.after_update (a rollout backend with its own weights syncs them)
 
 Not the HF `Trainer`: generation, scoring and the update live in one loop here, with nothing to
 override. Metrics (TRL's names) go to `output_dir/metrics.jsonl` every `logging_steps`, to
@@ -18,7 +19,11 @@ TensorBoard with `report_to: tensorboard`, and to a progress bar; sampled comple
 rewards to `completions.jsonl` every `online.log_completions_steps`. Checkpoints
 (`checkpoint-<step>/`: adapter or model, optimizer, scheduler, RNG states, position in the
 prompt stream) every `save_steps`, the latest `save_total_limit` kept; `--resume` continues from
-the latest one. Tested by tests/test_online.py.
+the latest complete one (grpo_fast.rundir). The seams: rollouts come from a backend
+(grpo_fast.rollout, `online.generation_backend`), the loss type is a registered record
+(grpo_fast.losses.get_loss_type), log-probs are grpo_fast.logprobs.completion_logps at the
+rollout's temperature, greedy eval is grpo_fast.evaluate.greedy_eval. Tested by
+tests/test_online.py and tests/test_wiring.py.
 """
 
 from __future__ import annotations
@@ -29,22 +34,23 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
-from . import logprobs
 from .config import Config, ConfigError
-from .data import load_prompt_dataset
-from .losses import group_advantages, grpo_loss, zero_std_fraction
-from .modeling import default_device, load_base_model, load_model_and_tokenizer
-from .rewards import RewardFunction, compute_rewards, load_reward_functions, reward_metrics
+from .data import PromptStream, prompt_records
 from .errors import TrainingStopped
+from .evaluate import greedy_eval
+from .logprobs import completion_logps, reference_logps
+from .losses import get_loss_type, group_advantages, grpo_loss, zero_std_fraction
+from .modeling import default_device, load_base_model, load_model_and_tokenizer
+from .optim import build_optimizer
 from .preflight import check_finite, preflight
-from .rollout import Rollout, eos_token_ids, generate_completions
+from .rewards import compute_rewards, reward_columns, reward_metrics
+from .rollout import Rollout, completion_metrics, eos_token_ids, make_backend
 from .rundir import (COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, ONLINE_CHECKPOINT_FILES, JsonlWriter,
                      atomic_directory, load_rng_state, load_torch_state, read_jsonl, rotate_checkpoints,
                      save_final, save_rng_state, truncate_jsonl)
@@ -56,59 +62,9 @@ STATE_FILE = ONLINE_CHECKPOINT_FILES[0]
 SUMMARY_WINDOW = 0.1
 
 
-class PromptStream:
-    """An endless stream of prompt indices, each epoch a fresh seeded permutation.
-
-    `position` (prompts consumed so far) is all the state there is, so a checkpoint restores the
-    exact stream. A step may straddle two epochs; no prompt is dropped or padded."""
-
-    def __init__(self, num_prompts: int, seed: int, position: int = 0):
-        self.num_prompts, self.seed, self.position = num_prompts, seed, position
-        self._epoch, self._order = -1, []
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.num_prompts, generator=generator).tolist()
-        return self._order
-
-    def take(self, k: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < k:
-            epoch, offset = divmod(self.position, self.num_prompts)
-            chunk = self._permutation(epoch)[offset:offset + k - len(out)]
-            out += chunk
-            self.position += len(chunk)
-        return out
-
-    @property
-    def epoch(self) -> float:
-        return self.position / self.num_prompts
-
-
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else math.nan
-
-
-def completion_metrics(lengths: Tensor, terminated: Tensor) -> dict[str, float]:
-    """TRL's completion-length metrics; clipped_ratio = share cut at the length limit (no EOS)."""
-    lengths = lengths.float()
-    return {"completions/mean_length": lengths.mean().item(),
-            "completions/min_length": lengths.min().item(),
-            "completions/max_length": lengths.max().item(),
-            "completions/clipped_ratio": 1.0 - terminated.float().mean().item()}
-
-
-def reward_columns(records: list[dict], rolls: list[Rollout], num_generations: int) -> dict[str, list]:
-    """Every extra dataset column repeated G times (aligned with the completions), plus the
-    `completion_ids` and `terminated` columns that reward functions receive."""
-    keys = sorted({k for r in records for k in r if k != "prompt"})
-    columns: dict[str, list] = {k: [r.get(k) for r in records for _ in range(num_generations)] for k in keys}
-    columns["completion_ids"] = [ids[:n] for roll in rolls
-                                 for ids, n in zip(roll.completion_ids.tolist(), roll.lengths.tolist())]
-    columns["terminated"] = [t for roll in rolls for t in roll.terminated.tolist()]
-    return columns
 
 
 @dataclass
@@ -140,7 +96,8 @@ class OnlineTrainer:
             # model, loaded once more (on resume too, where self.model holds trained weights).
             self.ref_model, _ = load_base_model(cfg, self.device)
             self.ref_model.eval().requires_grad_(False)
-        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        self.backend = make_backend(cfg, self.model, self.tokenizer, eos_token_ids(self.model, self.tokenizer))
+        self.loss_type = get_loss_type(self.o.loss_type)
 
         self.prompts = prompt_records(cfg, self.tokenizer, cfg.dataset_path, hub=True)
         self.eval_prompts: list[dict] = []
@@ -182,7 +139,7 @@ class OnlineTrainer:
     # ---------------------------------------------------------------------------------------
 
     def generate(self, prompts: list[str]) -> Rollout:
-        return rollout(self.cfg, self.model, self.tokenizer, self.eos_ids, prompts)
+        return self.backend.generate(prompts)
 
     def autocast(self):
         """bf16/fp16 autocast of the log-prob forwards (mixed_precision); a no-op with "no"."""
@@ -192,13 +149,12 @@ class OnlineTrainer:
 
     def completion_logps(self, model, roll: Rollout) -> tuple[Tensor, Tensor]:
         with self.autocast():
-            return completion_logps(model, roll, temperature=self.o.temperature,
-                                    backend=self.cfg.logprob_backend, shared_prompt=self.o.shared_prompt)
+            return completion_logps(model, roll, backend=self.cfg.logprob_backend, shared_prompt=self.o.shared_prompt)
 
     def reference_logps(self, roll: Rollout) -> Tensor:
         with self.autocast():
-            return reference_logps(self.model, self.ref_model, roll, temperature=self.o.temperature,
-                                   backend=self.cfg.logprob_backend, shared_prompt=self.o.shared_prompt)
+            return reference_logps(self.model, self.ref_model, roll, backend=self.cfg.logprob_backend,
+                                   shared_prompt=self.o.shared_prompt)
 
     def step(self, records: list[dict]) -> tuple[dict[str, float], dict]:
         """One GRPO step on `records` (batch_size x gradient_accumulation_steps prompt records).
@@ -214,9 +170,10 @@ class OnlineTrainer:
         # 2. Rewards of all ga*B*G completions; dataset columns repeated G times to align.
         prompts = [r["prompt"] for r in records for _ in range(G)]
         texts = [t for roll in rolls for t in roll.texts]
+        columns = reward_columns(records, [ids for r in rolls for ids in r.completion_token_lists()],
+                                 [t for r in rolls for t in r.terminated.tolist()], G)
         try:
-            per_fn, rewards = compute_rewards(self.reward_fns, prompts, texts,
-                                              reward_columns(records, rolls, G))        # (ga*B*G, F), (ga*B*G,)
+            per_fn, rewards = compute_rewards(self.reward_fns, prompts, texts, columns)  # (ga*B*G, F), (ga*B*G,)
         except ValueError as e:  # a reward function returned something unusable (NaN, wrong count)
             raise TrainingStopped(f"step {self.state.step + 1}: {e}") from None
 
@@ -226,14 +183,15 @@ class OnlineTrainer:
         advantages = advantages.to(self.device).split(cfg.batch_size * G)               # ga x (B*G,)
         time_rollout = time.perf_counter() - t_rollout
 
-        # 4. The rows to train on. dapo weighs every completion token of the step equally, across
-        #    micro-batches. With beta = 0 it also makes a completion of zero advantage (its group's
-        #    rewards all equal) add exactly 0 to the loss and the gradient, its tokens being counted
-        #    in num_items already: the passes below skip it (often a third of the rows or more).
+        # 4. The rows to train on. A loss type with a global normalizer (dapo) weighs every
+        #    completion token of the step equally, across micro-batches. With beta = 0 it also
+        #    makes a completion of zero advantage (its group's rewards all equal) add exactly 0 to
+        #    the loss and the gradient, its tokens being counted in num_items already: the passes
+        #    below skip it (often a third of the rows or more).
         t_train = time.perf_counter()
         num_items = int(sum(r.lengths.sum() for r in rolls))
         batches = list(zip(rolls, advantages))
-        if o.beta == 0 and o.loss_type == "dapo":
+        if o.beta == 0 and self.loss_type.global_normalizer:
             batches = [informative_rows(roll, adv) for roll, adv in batches]
 
         # 5. Frozen log-probs. With mu = 1 the sampling policy *is* the current one, so grpo_loss
@@ -254,11 +212,12 @@ class OnlineTrainer:
                     logps, old_lp, ref_lp, adv, roll.completion_mask, loss_type=o.loss_type,
                     epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high, beta=o.beta,
                     max_completion_length=o.max_completion_length, num_items_in_batch=num_items)
-                # grpo, bnpo and dr_grpo normalize within a micro-batch: dividing by ga makes the
-                # step's gradient their mean over micro-batches (for grpo and dr_grpo exactly the
-                # full-batch value, micro-batches being equal-sized). dapo already divides by the
-                # whole step's token count, so its micro-batch losses simply add up.
-                if o.loss_type != "dapo":
+                # A loss normalized within a micro-batch (grpo, bnpo, dr_grpo) is divided by ga:
+                # the step's gradient is their mean over micro-batches (for grpo and dr_grpo
+                # exactly the full-batch value, micro-batches being equal-sized). A global
+                # normalizer (dapo) already divides by the whole step's token count, so its
+                # micro-batch losses simply add up.
+                if not self.loss_type.global_normalizer:
                     loss = loss / ga
                 self.scaler.scale(loss).backward()
                 loss_sum += loss.detach()
@@ -277,6 +236,7 @@ class OnlineTrainer:
             self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.backend.after_update(self.model)
         # Entropy (and the clip ratios) describe the completions trained on.
         trained_items = sum(roll.lengths.sum() for roll, _ in batches)
         loss_value, entropy_value, grad_norm = torch.stack(
@@ -380,7 +340,7 @@ class OnlineTrainer:
                         samples["prompts"][i][-60:], samples["texts"][i][:120])
 
     def evaluate(self, records: list[dict]) -> dict[str, float]:
-        return greedy_eval(self.cfg, self.model, self.tokenizer, self.reward_fns, self.eos_ids, records)
+        return greedy_eval(self.backend, self.reward_fns, records)
 
     # ---------------------------------------------------------------------------------------
     # Checkpoints
@@ -416,38 +376,6 @@ class OnlineTrainer:
         logger.info("resumed from %s at step %d of %d", ckpt, self.state.step, self.total_steps)
 
 
-def completion_logps(model, roll: Rollout, *, temperature: float = 1.0, backend: str = "auto",
-                     shared_prompt: bool = True) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs and entropies (N, C) of the completion tokens, zero after EOS. Pass
-    the sampling temperature, so they describe the distribution that was sampled.
-
-    `shared_prompt` runs each distinct prompt once (logprobs.shared_prompt_logprobs), unless the
-    model checkpoints gradients (HF then refuses the KV cache it needs)."""
-    if shared_prompt and not logprobs.checkpoints_activations(model):
-        return logprobs.shared_prompt_logprobs(
-            model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
-            temperature=temperature, backend=backend)                                  # (N, C) x2
-    logps, entropy = logprobs.token_logprobs(
-        model, roll.input_ids, roll.attention_mask, roll.loss_mask, temperature=temperature,
-        backend=backend, position_ids=roll.position_ids)                             # (N, P+C-1) x2
-    # Column t scores input_ids[:, t+1]: the completion starts at column P-1.
-    start = roll.prompt_ids.size(1) - 1
-    return logps[:, start:], entropy[:, start:]                                       # (N, C) x2
-
-
-@torch.no_grad()
-def reference_logps(model, ref_model, roll: Rollout, *, temperature: float = 1.0,
-                    backend: str = "auto", shared_prompt: bool = True) -> Tensor:
-    """(N, C) log-probs under the reference policy: `ref_model` (the frozen copy of full
-    fine-tuning) when given, else `model` (a PeftModel) with its LoRA adapter switched off, which
-    needs no second copy of the weights."""
-    kwargs = dict(temperature=temperature, backend=backend, shared_prompt=shared_prompt)
-    if ref_model is not None:
-        return completion_logps(ref_model, roll, **kwargs)[0]
-    with model.disable_adapter():
-        return completion_logps(model, roll, **kwargs)[0]
-
-
 def informative_rows(roll: Rollout, advantages: Tensor) -> tuple[Rollout, Tensor]:
     """The rows of a micro-batch with a non-zero advantage, and their advantages. A micro-batch
     without any keeps its first row (zero gradient), so that every parameter still gets a
@@ -456,32 +384,6 @@ def informative_rows(roll: Rollout, advantages: Tensor) -> tuple[Rollout, Tensor
     keep[0] |= ~keep.any()
     rows = keep.nonzero().squeeze(1)                                                  # (k,)
     return roll.select(rows), advantages[rows]
-
-
-def prompt_records(cfg: Config, tokenizer, path: Optional[str], hub: bool = False) -> list[dict]:
-    """Prompt records from a file, or (with `hub`, when path is None) from the configured
-    `datasets` hub dataset, rendered as the config asks (chat template, system prompt)."""
-    o = cfg.online
-    hub_args = dict(name=o.dataset_name, config_name=o.dataset_config, split=o.dataset_split) if hub else {}
-    return load_prompt_dataset(tokenizer, path=path, prompt_column=o.prompt_column,
-                               chat_template=o.chat_template, system_prompt=o.system_prompt, **hub_args)
-
-
-def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; biases and norm weights (1-D) get no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optim == "adamw_torch":
-        # torch's fused AdamW updates every tensor in one kernel (CPU and CUDA): on the 0.8M-param
-        # arithmetic model a step takes 2 ms instead of the default per-tensor loop's 7 ms.
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused or None)
-    import bitsandbytes.optim as bnb_optim
-
-    cls = bnb_optim.AdamW8bit if cfg.optim == "adamw_8bit" else bnb_optim.PagedAdamW8bit
-    return cls(groups, lr=cfg.learning_rate)
 
 
 def reward_summary(metrics_path: Path) -> dict[str, float]:
@@ -497,58 +399,6 @@ def reward_summary(metrics_path: Path) -> dict[str, float]:
             "reward_rows": len(rewards)}
 
 
-def rollout(cfg: Config, model, tokenizer, eos_ids: list[int], prompts: list[str], *,
-            greedy: bool = False) -> Rollout:
-    """G sampled completions per prompt with the config's sampling settings, or one greedy one."""
-    o = cfg.online
-    return generate_completions(
-        model, tokenizer, prompts, num_generations=1 if greedy else o.num_generations,
-        max_prompt_length=o.max_prompt_length, max_completion_length=o.max_completion_length,
-        temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, greedy=greedy, eos_ids=eos_ids)
-
-
-@torch.no_grad()
-def greedy_eval(cfg: Config, model, tokenizer, reward_fns: list[RewardFunction], eos_ids: list[int],
-                records: list[dict]) -> dict[str, float]:
-    """Greedy completions of `records`, scored by the reward functions.
-
-    Returns `accuracy` (mean of the first reward function, None ignored: the accuracy for 0/1
-    rewards such as math_answer or exact_match), `reward` (mean weighted total),
-    `rewards/<name>/mean` per function, `completions/mean_length` and `completions/clipped_ratio`."""
-    # One batch: a decode step costs about the same for 200 rows as for 64 on a small model, and
-    # its KV cache is that of eval_max_samples rows (lower it if that does not fit).
-    roll = rollout(cfg, model, tokenizer, eos_ids, [r["prompt"] for r in records], greedy=True)
-    per_fn, total = compute_rewards(reward_fns, [r["prompt"] for r in records], roll.texts,
-                                    reward_columns(records, [roll], 1))                 # (N, F), (N,)
-    metrics = reward_metrics(per_fn, total, reward_fns)
-    out = {"accuracy": metrics[f"rewards/{reward_fns[0].name}/mean"], "reward": metrics["reward"]}
-    out.update({f"rewards/{r.name}/mean": metrics[f"rewards/{r.name}/mean"] for r in reward_fns})
-    lengths = completion_metrics(roll.lengths.cpu(), roll.terminated.cpu())
-    out.update({k: lengths[k] for k in ("completions/mean_length", "completions/clipped_ratio")})
-    return out
-
-
 def train_online(cfg: Config, resume: bool = False) -> dict:
     """Train with online GRPO; returns a summary (steps, runtime, first vs last mean reward)."""
     return OnlineTrainer(cfg, resume).train()
-
-
-def evaluate_online(cfg: Config, adapter: Optional[str] = None,
-                    data_path: Optional[str] = None) -> dict[str, dict[str, float]]:
-    """Greedy held-out evaluation: {model name: metrics of `greedy_eval`} for the model (with
-    `adapter` or cfg.lora_path if given) and, when an adapter is loaded, the base model with the
-    adapter switched off, so the gain shows in one table."""
-    data_path = data_path or cfg.eval_dataset_path
-    if data_path is None:
-        raise ConfigError("eval_dataset_path: not set (or pass --data FILE)")
-    model, tokenizer = load_model_and_tokenizer(cfg, adapter_path=adapter, trainable=False)
-    reward_fns = load_reward_functions([asdict(s) for s in cfg.online.rewards])
-    eos_ids = eos_token_ids(model, tokenizer)
-    records = prompt_records(cfg, tokenizer, data_path)[:cfg.online.eval_max_samples]
-    results = {}
-    if cfg.lora.enabled and (adapter or cfg.lora_path):
-        with model.disable_adapter():
-            results["base (adapter off)"] = greedy_eval(cfg, model, tokenizer, reward_fns, eos_ids, records)
-    results[adapter or cfg.lora_path or cfg.model_path] = greedy_eval(cfg, model, tokenizer, reward_fns,
-                                                                      eos_ids, records)
-    return results

@@ -456,3 +456,16 @@ def reward_metrics(per_fn: Tensor, total: Tensor, reward_fns: Sequence[RewardFun
         names += [f"rewards/{reward.name}/mean", f"rewards/{reward.name}/std"]
         values += [per_fn[:, i].nanmean(), _nanstd(per_fn[:, i])]
     return dict(zip(names, torch.stack(values).tolist()))
+
+
+def reward_columns(records: Sequence[Mapping[str, Any]], completion_ids: Sequence[Sequence[int]],
+                   terminated: Sequence[bool], num_generations: int) -> dict[str, list]:
+    """The keyword columns reward functions receive beside prompts and completions: every extra
+    dataset column of `records` repeated G = `num_generations` times (aligned with the
+    completions, a prompt's G adjacent), plus `completion_ids` (each completion's token ids, EOS
+    included when it ended with one) and `terminated` (True when it ended with EOS)."""
+    keys = sorted({k for r in records for k in r if k != "prompt"})
+    columns: dict[str, list] = {k: [r.get(k) for r in records for _ in range(num_generations)] for k in keys}
+    columns["completion_ids"] = [list(ids) for ids in completion_ids]
+    columns["terminated"] = list(terminated)
+    return columns

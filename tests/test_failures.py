@@ -23,7 +23,8 @@ from grpo_fast.plot import plot_run
 from grpo_fast.rundir import (OFFLINE_CHECKPOINT_FILES, ONLINE_CHECKPOINT_FILES, JsonlWriter,
                               atomic_directory, latest_checkpoint, load_rng_state, load_torch_state,
                               prepare_output_dir, read_jsonl, save_rng_state, truncate_jsonl)
-from grpo_fast.trainer import OfflineGRPOTrainer, train
+from grpo_fast.cli import train
+from grpo_fast.offline import OfflineGRPOTrainer
 
 OFFLINE = {
     "mode": "offline", "model_path": "configs/models/tiny-llama.json", "max_seq_length": 24,

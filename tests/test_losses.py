@@ -470,7 +470,7 @@ def test_grpo_loss_errors():
     logps = torch.zeros(2, 3)
     mask = torch.ones(2, 3, dtype=torch.bool)
     adv = torch.ones(2)
-    with pytest.raises(ValueError, match=r"unknown loss_type 'ppo'.*'grpo', 'bnpo', 'dr_grpo', 'dapo'"):
+    with pytest.raises(ValueError, match=r"unknown loss_type 'ppo'; expected one of grpo, bnpo, dr_grpo, dapo"):
         grpo_loss(logps, None, None, adv, mask, loss_type="ppo")
     with pytest.raises(ValueError, match="max_completion_length"):
         grpo_loss(logps, None, None, adv, mask, loss_type="dr_grpo")
@@ -481,7 +481,7 @@ def test_grpo_loss_errors():
 
 
 def test_register_loss_type(monkeypatch):
-    monkeypatch.setattr(losses, "_REDUCTIONS", dict(losses._REDUCTIONS))
+    monkeypatch.setattr(losses, "_LOSS_TYPES", dict(losses._LOSS_TYPES))
     monkeypatch.setattr(losses, "LOSS_TYPES", losses.LOSS_TYPES)
 
     @register_loss_type("sum")
@@ -495,6 +495,10 @@ def test_register_loss_type(monkeypatch):
     torch.testing.assert_close(total, mean * mask.sum())
     with pytest.raises(ValueError, match="already registered"):
         register_loss_type("grpo")(_reduce_sum)
+    assert losses.get_loss_type("sum").global_normalizer is False
+    assert losses.get_loss_type("dapo").global_normalizer is True
+    with pytest.raises(ValueError, match="unknown loss_type 'nope'; expected one of grpo, bnpo"):
+        losses.get_loss_type("nope")
 
 
 def test_loss_types_lists_the_builtins():

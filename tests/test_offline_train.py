@@ -12,7 +12,8 @@ from grpo_fast.cli import main
 from grpo_fast.config import ConfigError, config_from_dict
 from grpo_fast.data import GroupCollator, load_offline_dataset
 from grpo_fast.modeling import load_model_and_tokenizer
-from grpo_fast.trainer import OfflineGRPOTrainer, train
+from grpo_fast.cli import train
+from grpo_fast.offline import OfflineGRPOTrainer
 
 TINY = {
     "mode": "offline",

@@ -13,15 +13,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
-from grpo_fast import online, rewards
+from grpo_fast import logprobs, online, rewards
 from grpo_fast.config import ConfigError, config_from_dict
 from grpo_fast.data import DataError
 from grpo_fast.modeling import BASE_MODEL_DIR, load_base_model, load_model_and_tokenizer
-from grpo_fast.online import OnlineTrainer, PromptStream, evaluate_online, train_online
+from grpo_fast.data import PromptStream
+from grpo_fast.evaluate import evaluate_online
+from grpo_fast.online import OnlineTrainer, train_online
 from grpo_fast.plot import plot_run
-from grpo_fast import rollout as rollout_module
-from grpo_fast.rollout import (Rollout, completion_mask_after_eos, filter_logits, generate_completions,
-                              sample_completions, tokenize_prompts)
+from grpo_fast.rollout import hf as rollout_module
+from grpo_fast.rollout import Rollout, completion_mask_after_eos, tokenize_prompts
+from grpo_fast.rollout.hf import filter_logits, generate_completions, sample_completions
 from grpo_fast.tasks import char_match
 
 TRAIN_FIELDS = [
@@ -208,11 +210,11 @@ def test_adapter_disabled_reference_equals_base_model(prompts_file, tmp_path):
                 p.normal_(0, 0.5)      # a trained-looking adapter: policy != base
     roll = generate_completions(model, tok, ["ab=", "cdef="], num_generations=2,
                                 max_prompt_length=8, max_completion_length=4)
-    ref = online.reference_logps(model, None, roll)
+    ref = logprobs.reference_logps(model, None, roll)
     base, _ = load_base_model(cfg, base_dir=str(tmp_path / BASE_MODEL_DIR))
     with torch.no_grad():
-        expected, _ = online.completion_logps(base, roll)
-        policy, _ = online.completion_logps(model, roll)
+        expected, _ = logprobs.completion_logps(base, roll)
+        policy, _ = logprobs.completion_logps(model, roll)
     mask = roll.completion_mask.bool()
     torch.testing.assert_close(ref[mask], expected[mask], atol=1e-5, rtol=1e-5)
     assert (policy - ref)[mask].abs().max() > 1e-3

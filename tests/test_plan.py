@@ -85,7 +85,9 @@ def test_tiny_shape_by_hand():
     assert (shape.q_dim, shape.kv_dim, shape.head_dim) == (64, 64, 16)
 
 
-def test_hub_ids_map_to_shipped_shapes_and_unknown_models_fail_clearly():
+def test_hub_ids_map_to_shipped_shapes_and_unknown_models_fail_clearly(tmp_path, monkeypatch):
+    # From any directory: the shipped shapes are package data, not paths under the checkout.
+    monkeypatch.chdir(tmp_path)
     assert model_shape("Qwen/Qwen2.5-1.5B-Instruct") == model_shape(str(SHAPES_DIR / "qwen2.5-1.5b.json"))
     assert model_shape("meta-llama/Llama-3.2-3B") == model_shape(str(SHAPES_DIR / "llama-3.2-3b.json"))
     assert all((SHAPES_DIR / f).is_file() for f in HUB_SHAPES.values())
@@ -285,13 +287,10 @@ def _profiled_peak(fn) -> int:
 def test_generation_estimate_matches_the_cpu_profiler(tmp_path, intermediate_size):
     """KV cache + prefill working set of a real QLoRA generate, measured by the profiler.
 
-    Two MLP widths, because an earlier calibration (fp32 stream) did not follow the width: that
-    was the formula, not the profiler. `_profiled_peak` agrees with the raw allocation timeline
-    (the profiler's `[memory]` events) to a few bytes here, and with bf16 weights the formula
-    matches it within 0.3% for MLP widths 176-1024, hidden 128 and 256, fp32 and bf16, quantized
-    or not (the rest: position ids and mask bookkeeping). What it cannot see: an op's own frees
-    are placed at the op's start, so a transient inside one op (bitsandbytes' dequantized
-    weight inside gemm_4bit) never shows; the plan counts that buffer as resident."""
+    Two MLP widths, so that a term of the formula that does not follow the width shows. What the
+    profiler cannot see: an op's own frees are placed at the op's start, so a transient inside
+    one op (bitsandbytes' dequantized weight inside gemm_4bit) never shows; the plan counts that
+    buffer as resident."""
     from grpo_fast.modeling import load_model_and_tokenizer
 
     S, P, C = 8, 48, 8

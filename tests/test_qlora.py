@@ -260,11 +260,11 @@ def test_gradient_checkpointing_with_lora_gives_the_same_gradients(base_dir):
 @both_cpu_kinds
 def test_bitsandbytes_8bit_optimizers_step_on_cpu(base_dir, tmp_path):
     """Both ways the trainers build them: the offline Trainer (TrainingArguments.optim) and the
-    online loop (grpo_fast.online.build_optimizer)."""
+    online loop (grpo_fast.optim.build_optimizer)."""
     from transformers import Trainer
 
-    from grpo_fast.online import build_optimizer
-    from grpo_fast.trainer import training_arguments
+    from grpo_fast.optim import build_optimizer
+    from grpo_fast.offline import training_arguments
 
     # r = 64 makes every adapter matrix >= 4096 elements, the size from which bitsandbytes keeps
     # 8-bit states (smaller tensors get fp32 states).

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from grpo_fast import logprobs
-from grpo_fast.online import completion_logps, reference_logps
+from grpo_fast.logprobs import completion_logps, reference_logps
 from grpo_fast.rollout import Rollout
 
 ATOL = 1e-5

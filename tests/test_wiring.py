@@ -13,7 +13,7 @@ plausible. So these tests pin behaviour, from the public entry points only:
   update computed independently: the model's own logits at the temperature, the pure
   `grpo_loss` / `group_advantages`, `torch.optim.AdamW`. Non-default values everywhere, and
   mu = 2 so that the ratios leave 1 and the clip range matters;
-* the same for an offline step (`grpo_fast.trainer.train`, HF `Trainer`) with `offline.beta`;
+* the same for an offline step (`grpo_fast.cli.train`, HF `Trainer`) with `offline.beta`;
 * the sampler draws from softmax(logits / T), measured at two temperatures;
 * a run interrupted at step 2 of 4 and resumed ends bit-identical (weights, AdamW moments and
   step counts, scheduler) to a straight run: online (full fine-tune and LoRA) and offline;
@@ -47,7 +47,8 @@ from grpo_fast.losses import group_advantages, grpo_loss, listwise_kl_loss
 from grpo_fast.modeling import load_model_and_tokenizer
 from grpo_fast.online import OnlineTrainer
 from grpo_fast.rollout import Rollout
-from grpo_fast.trainer import OfflineGRPOTrainer, train
+from grpo_fast.cli import train
+from grpo_fast.offline import OfflineGRPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = str(ROOT / "configs" / "models" / "tiny-llama.json")
@@ -96,8 +97,10 @@ def plain_completion_logps(model, roll: Rollout, temperature: float) -> torch.Te
     return logps * roll.completion_mask
 
 
-def fixed_rollout(tokenizer, prompts: list[str], G: int, C: int, gen: torch.Generator) -> Rollout:
-    """G random-letter completions per prompt, each prompt left-padded as the sampler does.
+def fixed_rollout(tokenizer, prompts: list[str], G: int, C: int, gen: torch.Generator,
+                  temperature: float) -> Rollout:
+    """G random-letter completions per prompt, each prompt left-padded as the sampler does, as
+    if sampled at `temperature` (the log-prob passes read it from the rollout).
     Lengths vary (the loss types normalize differently by length); a completion shorter than C
     ends with EOS, a full-length one does or not."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -118,7 +121,8 @@ def fixed_rollout(tokenizer, prompts: list[str], G: int, C: int, gen: torch.Gene
     ids[terminated, lengths[terminated] - 1] = eos
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids.tolist(), lengths.tolist())]
     return Rollout(prompt_ids=prompt_ids.repeat_interleave(G, 0), prompt_mask=prompt_mask.repeat_interleave(G, 0),
-                   completion_ids=ids, completion_mask=mask, texts=texts, terminated=terminated, lengths=lengths)
+                   completion_ids=ids, completion_mask=mask, texts=texts, terminated=terminated, lengths=lengths,
+                   temperature=temperature)
 
 
 # ------------------------------------------------------------------------------------------
@@ -171,7 +175,7 @@ def test_online_step_matches_independent_update(tmp_path, monkeypatch, loss_type
 
     records = [{"prompt": p} for p in PROMPTS[:ga * B]]
     chunks = [PROMPTS[k * B:(k + 1) * B] for k in range(ga)]
-    rolls = {tuple(c): fixed_rollout(trainer.tokenizer, c, G, C, gen) for c in chunks}
+    rolls = {tuple(c): fixed_rollout(trainer.tokenizer, c, G, C, gen, cfg.online.temperature) for c in chunks}
     monkeypatch.setattr(trainer, "generate", lambda prompts: rolls[tuple(prompts)])
     trainer.step(records)
 
@@ -308,6 +312,7 @@ def test_sampler_follows_the_temperature(tmp_path, temperature):
         trainer.model.get_decoder().norm.weight.mul_(10.0)
     torch.manual_seed(0)
     roll = trainer.generate(["c="])
+    assert roll.temperature == temperature, "the rollout carries its sampling temperature to scoring"
     first = roll.completion_ids[:, 0]
     with torch.no_grad():
         logits = trainer.model(input_ids=roll.prompt_ids[:1], attention_mask=roll.prompt_mask[:1]).logits[0, -1].float()

@@ -1,15 +1,14 @@
-"""Rollouts for online GRPO: G sampled completions per prompt from the current policy.
+"""The `hf` rollout backend: G sampled completions per prompt from the live policy, decoded by a
+lean KV-cached loop over the model's own forward.
 
-    roll = generate_completions(model, tokenizer, ["2+3=", "7*6="], num_generations=8,
-                                max_prompt_length=256, max_completion_length=256, temperature=1.0)
-    roll.completion_ids     # (B*G, C): each prompt's G completions adjacent
-    roll.completion_mask    # (B*G, C): 1 up to and including the first EOS
+    backend = HFBackend(cfg, model, tokenizer, eos_ids)       # online.generation_backend: hf
+    roll = backend.generate(["2+3=", "7*6="])                 # (B*G, C) completions, G adjacent
 
 Prompts are tokenized, cut from the left to `max_prompt_length` (the end of a prompt, next to
 the completion, matters most) and left-padded, so every row's last prompt token sits in the same
 column and generation appends to all rows at once.
 
-`sample_completions` is a lean decoding loop: the model's forward with its KV cache, then
+`sample_completions` is the decoding loop: the model's forward with its KV cache, then
 temperature, top-k and top-p applied by hand (HF's order and semantics: a finished row gets pad,
 decoding stops when every row has emitted EOS). It samples exactly what HF `generate` samples
 under the same RNG state, without `generate`'s per-call setup (generation config merging,
@@ -17,98 +16,19 @@ logits-processor and stopping-criteria objects), which costs more than the model
 short completions of a small model. The sampling settings are explicit arguments, so a hub
 model's `generation_config.json` (repetition penalty, its own temperature) cannot change the
 distribution the log-probs are later computed against. `greedy=True` decodes deterministically
-for evaluation. Tested by tests/test_online.py (against `generate`, greedy and sampled).
+for evaluation. The backend samples from the very model being trained, so it has nothing to
+sync after an update. Tested by tests/test_online.py (against `generate`, greedy and sampled).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-
-@dataclass
-class Rollout:
-    """A batch of N = B*G prompt + completion pairs, on the policy's device."""
-
-    prompt_ids: Tensor        # (N, P) left-padded
-    prompt_mask: Tensor       # (N, P) 1 on prompt tokens, 0 on left padding
-    completion_ids: Tensor    # (N, C) C = longest completion in the batch
-    completion_mask: Tensor   # (N, C) 1 up to and including the first EOS, 0 after
-    texts: list[str]          # N completions decoded without special tokens
-    terminated: Tensor        # (N,) bool: ended with EOS (False: cut at max_completion_length)
-    lengths: Tensor           # (N,) long: completion tokens counted by the mask (EOS included)
-
-    def select(self, rows: Tensor) -> "Rollout":
-        """The Rollout of the given (k,) row indices, in that order."""
-        picked = rows.tolist()
-        return Rollout(prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows],
-                       completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
-                       texts=[self.texts[i] for i in picked], terminated=self.terminated[rows],
-                       lengths=self.lengths[rows])
-
-    @property
-    def input_ids(self) -> Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)         # (N, P+C)
-
-    @property
-    def attention_mask(self) -> Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)       # (N, P+C)
-
-    @property
-    def loss_mask(self) -> Tensor:
-        """(N, P+C): 1 on the completion tokens whose log-probs enter the loss."""
-        return torch.cat([torch.zeros_like(self.prompt_mask), self.completion_mask], dim=1)
-
-    @property
-    def position_ids(self) -> Tensor:
-        """(N, P+C) the positions `generate` used: counted from each row's first real token, so
-        left padding does not shift them (it would for absolute position embeddings)."""
-        return (self.attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS plus the model's generation EOS ids
-    (chat models often stop on an end-of-turn token that is not the tokenizer's EOS)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
-    if not ids:
-        raise ValueError("the tokenizer has no eos_token_id and the model's generation_config names none")
-    return sorted(ids)
-
-
-def tokenize_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int,
-                     device: torch.device) -> tuple[Tensor, Tensor]:
-    """(B, P) left-padded prompt ids and mask; each prompt keeps its last max_prompt_length tokens."""
-    encoded = [ids[-max_prompt_length:] for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
-    P = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompt_ids = torch.full((len(encoded), P), pad, dtype=torch.long)
-    prompt_mask = torch.zeros((len(encoded), P), dtype=torch.long)
-    for i, ids in enumerate(encoded):
-        prompt_ids[i, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        prompt_mask[i, P - len(ids):] = 1
-    return prompt_ids.to(device), prompt_mask.to(device)
-
-
-def completion_mask_after_eos(completion_ids: Tensor, eos_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """(N, C) mask that keeps each row up to and including its first EOS, and (N,) terminated.
-
-    Rows that never emit EOS (cut at the length limit) keep every token."""
-    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), device=completion_ids.device))  # (N, C)
-    terminated = is_eos.any(dim=1)                                                                 # (N,)
-    C = completion_ids.size(1)
-    first_eos = torch.where(terminated, is_eos.int().argmax(dim=1), C)                             # (N,)
-    columns = torch.arange(C, device=completion_ids.device)
-    mask = (columns.unsqueeze(0) <= first_eos.unsqueeze(1)).long()                                 # (N, C)
-    return mask, terminated
+from . import Rollout, RolloutBackend, completion_mask_after_eos, eos_token_ids, register_backend, tokenize_prompts
 
 
 def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0,
@@ -231,4 +151,17 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
     texts = [tokenizer.decode(ids[:n], skip_special_tokens=True)
              for ids, n in zip(completion_ids.tolist(), lengths.tolist())]
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                   completion_mask=completion_mask, texts=texts, terminated=terminated, lengths=lengths)
+                   completion_mask=completion_mask, texts=texts, terminated=terminated, lengths=lengths,
+                   temperature=1.0 if greedy else temperature)
+
+
+@register_backend("hf")
+class HFBackend(RolloutBackend):
+    """Samples from the policy being trained, with the config's sampling settings."""
+
+    def generate(self, prompts: Sequence[str], *, greedy: bool = False) -> Rollout:
+        o = self.cfg.online
+        return generate_completions(
+            self.model, self.tokenizer, prompts, num_generations=1 if greedy else o.num_generations,
+            max_prompt_length=o.max_prompt_length, max_completion_length=o.max_completion_length,
+            temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, greedy=greedy, eos_ids=self.eos_ids)

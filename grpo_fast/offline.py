@@ -216,12 +216,3 @@ def train_offline(cfg: Config, resume: bool = False) -> dict:
         raise TrainingStopped(f"{e}; checkpoints saved so far are in {cfg.output_dir}") from None
     save_final(cfg, trainer.model, tokenizer, cfg.output_dir)
     return result.metrics
-
-
-def train(cfg: Config, resume: bool = False) -> dict:
-    """Train in cfg.mode; returns the final metrics."""
-    if cfg.mode == "offline":
-        return train_offline(cfg, resume)
-    from .online import train_online
-
-    return train_online(cfg, resume)

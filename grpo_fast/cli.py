@@ -15,6 +15,8 @@ import logging
 import sys
 from typing import Optional
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from .config import ConfigError, load_config
 from .data import DataError
 from .errors import TrainingStopped
@@ -69,36 +71,42 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
-        if args.command == "plot":
-            from .plot import plot_run
-
-            print(f"wrote {plot_run(args.run_dir, args.output, args.metrics)}")
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        if cfg.cpu_threads > 0:
-            import torch
-
-            torch.set_num_threads(cfg.cpu_threads)
-        if args.command == "train":
-            logger.info("resolved config (%s mode):\n%s", cfg.mode, cfg.to_yaml(for_mode=True))
-            train(cfg, resume=args.resume)
-        elif args.command == "eval":
-            from .evaluate import evaluate
-
-            evaluate(cfg, adapter=args.adapter, data_path=args.data, output=args.output)
-        elif args.command == "plan":
-            from .plan import plan_command
-
-            print(plan_command(cfg, args.gpu_memory))
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"grpo-fast {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"grpo-fast {args.command}: stopped: {e}", file=sys.stderr)
-        return 1
+    # Log lines go through tqdm's writer, so they print above a progress bar, not glued onto it.
+    with logging_redirect_tqdm():
+        try:
+            run(args)
+        except (ConfigError, DataError, FileNotFoundError) as e:
+            print(f"grpo-fast {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except TrainingStopped as e:
+            print(f"grpo-fast {args.command}: stopped: {e}", file=sys.stderr)
+            return 1
     return 0
 
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "plot":
+        from .plot import plot_run
+
+        print(f"wrote {plot_run(args.run_dir, args.output, args.metrics)}")
+        return
+    cfg = load_config(args.config, args.overrides)
+    if cfg.cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.cpu_threads)
+    if args.command == "train":
+        logger.info("resolved config (%s mode; keys the other mode reads left out):\n%s",
+                    cfg.mode, cfg.to_yaml(for_mode=True))
+        train(cfg, resume=args.resume)
+    elif args.command == "eval":
+        from .evaluate import evaluate
+
+        evaluate(cfg, adapter=args.adapter, data_path=args.data, output=args.output)
+    elif args.command == "plan":
+        from .plan import plan_command
+
+        print(plan_command(cfg, args.gpu_memory))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,9 +2,9 @@
 
     cfg = load_config("configs/tiny-offline.yaml", overrides=["learning_rate=1e-4", "lora.r=8"])
 
-The seed's flat keys (`model_path`, `lora_path`, `dataset_path`, `output_dir`, `max_seq_length`,
-`batch_size`, `num_epochs`, `logging_dir`, `logging_steps`, `save_steps`, `save_total_limit`) load
-as they are; everything mode-specific lives in a section (`lora`, `quantization`, `offline`,
+The run-wide keys are flat (`model_path`, `lora_path`, `dataset_path`, `output_dir`,
+`max_seq_length`, `batch_size`, `num_epochs`, `logging_dir`, `logging_steps`, `save_steps`,
+`save_total_limit`, ...); everything mode-specific lives in a section (`lora`, `quantization`, `offline`,
 `online`). Unknown keys and bad values raise `ConfigError` naming the dotted key and what is
 allowed, so a typo never silently falls back to a default.
 """
@@ -62,7 +62,7 @@ class OfflineConfig:
     policy_temperature: float = 1.0
     # Lower sharpens the target towards the best completion; higher flattens it.
     score_temperature: float = 1.0
-    # forward = KL(q || p) (mass-covering, the seed's KLDiv); reverse = KL(p || q) (mode-seeking).
+    # forward = KL(q || p) (mass-covering, what KLDiv(log_p, log_q) computes); reverse = KL(p || q) (mode-seeking).
     kl_direction: Literal["forward", "reverse"] = "forward"
     # Sums favour short completions (fewer negative terms); the mean removes that length bias.
     length_normalize: bool = False
@@ -70,9 +70,9 @@ class OfflineConfig:
     beta: float = 0.0
     # A group's K completions share its prompt: run it once, the completions against its KV
     # cache (logprobs.shared_prompt_logprobs; exact up to rounding). Pays off when prompts are
-    # long next to the completions; on tiny-offline (a 7-token prompt, a model whose forward is
-    # mostly per-op overhead) the second decoder call made training 6% slower, hence opt-in.
-    # Off under gradient checkpointing.
+    # long next to the completions; with short prompts and a model whose forward is mostly
+    # per-op overhead the second decoder call costs more than it saves (benchmarks/README.md),
+    # hence opt-in. Off under gradient checkpointing.
     shared_prompt: bool = False
 
 
@@ -109,7 +109,7 @@ class OnlineConfig:
     num_iterations: int = 1
     # Log-prob forwards run each distinct prompt once and its G completions against its KV
     # cache (logprobs.shared_prompt_logprobs): exact up to rounding, and it saves (G-1)/G of the
-    # prompt's compute and activations (25-35% of the arithmetic example's forward and backward).
+    # prompt's compute and activations (README "Online GRPO" has the measured share).
     # Off under gradient checkpointing, which disables HF's KV cache.
     shared_prompt: bool = True
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="math_answer")])

@@ -1,6 +1,6 @@
 """Datasets: scored-completion groups (offline GRPO) and prompt sets (online GRPO).
 
-Offline format (the seed's), a JSON array or JSONL file, one record per prompt:
+Offline format, a JSON array or JSONL file, one record per prompt:
 
     {"prompt": "2+3=", "completions": [{"text": "5", "score": 1.0}, {"text": "7", "score": 0.2}]}
 

@@ -360,6 +360,7 @@ def reference_logps(model, ref_model, roll, *, backend: str = "auto", shared_pro
     if ref_model is not None:
         return completion_logps(ref_model, roll, **kwargs)[0]
     # No backward follows, so a DDP wrapper has nothing to arm: use the model inside it.
-    model = getattr(model, "module", model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     with model.disable_adapter():
         return completion_logps(model, roll, **kwargs)[0]

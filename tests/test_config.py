@@ -90,3 +90,11 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "grpo-fast eval: error:" in err and "unknown key 'epochs'" in err
     assert main(["train", "--config", "configs/tiny-offline.yaml", "--set", "batch_size=0"]) == 2
     assert "batch_size: must be >= 1" in capsys.readouterr().err
+
+
+def test_the_resolved_config_dump_shows_only_what_the_mode_reads():
+    offline = config_from_dict({"dataset_path": "x"}).to_dict(for_mode=True)
+    online = config_from_dict({"mode": "online", "dataset_path": "x"}).to_dict(for_mode=True)
+    assert "offline" in offline and "max_seq_length" in offline and "online" not in offline
+    assert "online" in online and not {"offline", "max_seq_length", "skip_invalid"} & set(online)
+    assert "online" in config_from_dict({"dataset_path": "x"}).to_dict(), "the saved config keeps every key"

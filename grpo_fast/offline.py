@@ -31,6 +31,7 @@ from .config import Config
 from .data import GroupCollator, load_offline_dataset
 from .losses import listwise_kl_loss, listwise_metrics
 from .modeling import load_model_and_tokenizer
+from .optim import build_optimizer
 from .errors import TrainingStopped
 from .preflight import check_finite, preflight
 from .rundir import (CONFIG_FILE, METRICS_FILE, OFFLINE_CHECKPOINT_FILES, TMP_PREFIX, JsonlWriter,
@@ -195,6 +196,8 @@ def train_offline(cfg: Config, resume: bool = False) -> dict:
         data_collator=GroupCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[MetricsFileCallback(Path(cfg.output_dir) / METRICS_FILE)],
+        # The optimizer both modes build; HF makes the scheduler from the arguments.
+        optimizers=(build_optimizer(cfg, model, fused=False), None),
     )
     if resume_ckpt is not None:
         step = json.loads((resume_ckpt / "trainer_state.json").read_text())["global_step"]

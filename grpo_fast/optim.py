@@ -11,8 +11,13 @@ import torch
 from .config import Config
 
 
-def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; biases and norm weights (1-D) get no weight decay."""
+def build_optimizer(cfg: Config, model, *, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; biases and norm weights (1-D) get no weight decay.
+
+    `fused` (adamw_torch only, where every parameter is a CPU or CUDA float tensor): torch's fused
+    kernel updates every tensor at once instead of a Python loop over them. The offline trainer
+    passes False: the loop is HF Trainer's `adamw_torch`, so offline runs reproduce to the bit
+    those made with HF's own optimizer (the fused kernel rounds differently)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -20,7 +25,7 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     if cfg.optim == "adamw_torch":
         # torch's fused AdamW updates every tensor in one kernel (CPU and CUDA) instead of a
         # Python loop over them (benchmarks/README.md has the timing).
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        fused = fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused or None)
     import bitsandbytes.optim as bnb_optim
 

@@ -73,18 +73,26 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, bf16_supported: Optional[bool] = None) -> torch.dtype:
+    """`auto`: bfloat16 on a CUDA device that supports it, else float32. `bf16_supported` answers
+    for a device that is not this machine's (the planner's card); None asks the device, which
+    initializes CUDA."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_supported else torch.float32
     return getattr(torch, name)
 
 
-def resolve_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+def resolve_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype,
+                                has_flash: Optional[bool] = None) -> tuple[str, str]:
     """Pick the attention backend; returns (implementation, reason). FlashAttention-2 needs the
-    `flash_attn` package, a CUDA device and a half-precision dtype."""
-    has_flash = importlib.util.find_spec("flash_attn") is not None
+    `flash_attn` package, a CUDA device and a half-precision dtype. `has_flash` answers for a
+    machine that is not this one (the planner's); None looks for the package here."""
+    if has_flash is None:
+        has_flash = importlib.util.find_spec("flash_attn") is not None
     missing = []
     if not has_flash:
         missing.append("the flash_attn package (pip install 'grpo-fast[flash]')")

@@ -85,7 +85,8 @@ def test_wheel_holds_every_package_the_kernels_and_the_model_shapes(wheel):
     expected = {f"grpo_fast/{p.relative_to(REPO / 'grpo_fast').as_posix()}"
                 for p in (REPO / "grpo_fast").rglob("*.py") if "__pycache__" not in p.parts}
     expected |= {f"grpo_fast/kernels/{p.name}" for p in (REPO / "kernels").glob("*.py")}
-    expected |= {f"grpo_fast/model_configs/{p.name}" for p in (REPO / "configs/models").glob("*.json")}
+    expected |= {f"grpo_fast/model_configs/{p.name}"
+                 for p in (REPO / "configs" / "models").glob("*.json")}
     assert "grpo_fast/model_configs/qwen2.5-1.5b.json" in expected
     assert "grpo_fast/kernels/__init__.py" in expected
     assert not expected - names, f"missing from the wheel: {sorted(expected - names)}"
@@ -93,18 +94,22 @@ def test_wheel_holds_every_package_the_kernels_and_the_model_shapes(wheel):
 
 def test_installed_wheel_plans_the_hub_presets_from_another_directory(wheel, tmp_path):
     site, work = tmp_path / "site", tmp_path / "work"
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)])
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+          str(wheel)])
     presets = _hub_presets()
     assert len(presets) >= 3
     work.mkdir()
     for preset in presets:
         shutil.copy2(preset, work / preset.name)
     # An empty Hugging Face cache, so the shapes can only come from the wheel.
-    env = {**os.environ, "PYTHONPATH": str(site), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    done = _run([sys.executable, "-c", PLAN_FROM_WHEEL, *(p.name for p in presets)], cwd=work, env=env)
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1"}
+    done = _run([sys.executable, "-c", PLAN_FROM_WHEEL, *(p.name for p in presets)], cwd=work,
+                env=env)
     report = json.loads(done.stdout.strip().splitlines()[-1])
 
-    elsewhere = {name: f for name, f in report["files"].items() if f and not f.startswith(str(site))}
+    elsewhere = {name: f for name, f in report["files"].items()
+                 if f and not f.startswith(str(site))}
     assert report["files"]["grpo_fast"] == str(site / "grpo_fast" / "__init__.py")
     assert not elsewhere, f"imported from outside the installed wheel: {elsewhere}"
     assert report["shapes_dir"] == str(site / "grpo_fast" / "model_configs")
@@ -114,4 +119,5 @@ def test_installed_wheel_plans_the_hub_presets_from_another_directory(wheel, tmp
         assert plan["rc"] == 0, plan
         assert f"VRAM plan for {model_path} (online GRPO)" in plan["out"]
         assert f"shape from configs/models/{HUB_SHAPES[model_path.lower()]}" in plan["out"]
-        assert "card 12GiB (12.00 GiB): " in plan["out"] and "largest that fit" in plan["out"]
+        assert "card 12GiB (12.00 GiB): " in plan["out"]
+        assert "largest that fit" in plan["out"]

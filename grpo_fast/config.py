@@ -6,7 +6,8 @@ The run-wide keys are flat (`model_path`, `lora_path`, `dataset_path`, `output_d
 `max_seq_length`, `batch_size`, `num_epochs`, `logging_dir`, `logging_steps`, `save_steps`,
 `save_total_limit`, ...); everything mode-specific lives in a section (`lora`, `quantization`, `offline`,
 `online`). Unknown keys and bad values raise `ConfigError` naming the dotted key and what is
-allowed, so a typo never silently falls back to a default.
+allowed, so a typo never silently falls back to a default; an unknown key that is one of TRL's
+GRPOConfig names gets the grpo-fast key instead, or why there is none (grpo_fast.trl_fields).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 # The registries the config validates against: the loss types and the rollout backends.
 from . import losses
 from .rollout import backend_names
+from .trl_fields import TRL_FIELDS
 
 
 class ConfigError(ValueError):
@@ -78,9 +80,24 @@ class OfflineConfig:
 
 @dataclass
 class RewardSpec:
+    """One online reward: a function (`name`) or a reward model (`model`); grpo_fast.rewards
+    loads it."""
+
+    # A built-in or "package.module:function", the functions TRL's reward_funcs takes. With
+    # `model` it is optional and only renames the model's metrics.
     name: str = ""
     weight: float = 1.0
+    # Bound to the function (or passed to the factory, or to the model's from_pretrained).
     kwargs: dict = field(default_factory=dict)
+    # A sequence-classification reward model (local dir or hub id) scoring prompt + completion by
+    # its logit, as TRL's reward_funcs given a model id.
+    model: Optional[str] = None
+    # `name` is a factory: called once with `kwargs`, it returns the reward function (for rewards
+    # that build state first, such as a verifier or a loaded rubric).
+    factory: bool = False
+    # Keyword -> dataset column: the function's keyword `k` receives column `columns[k]`, so a
+    # function written for `answer` runs on a dataset whose column is `solution`.
+    columns: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -95,16 +112,57 @@ class OnlineConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # Keeps tokens with at least min_p x the top token's probability (None = off). min_p and the
+    # repetition penalty shape what is sampled, not what the log-prob pass scores (as in TRL).
+    min_p: Optional[float] = None
+    # > 1 discourages tokens already in the prompt or completion (HF's penalty); 1 = off.
+    repetition_penalty: float = 1.0
+    # TRL's escape hatch for sampling arguments, applied over the keys above. The rollout backend
+    # honours what it implements and rejects the rest (hf: temperature, top_p, top_k, min_p,
+    # repetition_penalty), so an ignored key is never silent.
+    generation_kwargs: dict = field(default_factory=dict)
+    # Extra keywords of the tokenizer's apply_chat_template where prompts are rendered, e.g.
+    # {enable_thinking: false} for Qwen3.
+    chat_template_kwargs: dict = field(default_factory=dict)
     # Which rollout backend generates the completions (grpo_fast/rollout/): `hf` decodes with the
     # policy's own forward.
     generation_backend: str = "hf"
-    # A name registered in grpo_fast.losses (grpo, bnpo, dr_grpo, dapo, or a plugin's).
+    # A name registered in grpo_fast.losses (LOSS_TYPES lists them; a plugin can register more).
     loss_type: str = "dapo"
+    # TRL's `epsilon` is epsilon_low; TRL's epsilon_high defaults to epsilon, ours to 0.2.
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
+    # Two-sided clipping (INTELLECT-2): the unclipped ratio is also capped at delta, so a token of
+    # negative advantage with a huge ratio cannot blow up the loss. None = off; when set it must
+    # exceed 1 + epsilon_high (TRL's recommendation, enforced: below it cuts into the clip range).
+    delta: Optional[float] = None
+    # token: one ratio per token (GRPO); sequence: exp of the mean log-ratio over the completion,
+    # one per sequence (GSPO, steadier with sequence-level rewards).
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    # Multiplies the k3 KL term by the ratio, making its gradient the unbiased reverse-KL gradient
+    # (DeepSeek-V3.2). With beta > 0 it changes the gradient even on-policy, where the ratio is 1
+    # in value but not in gradient.
+    use_bias_correction_kl: bool = True
+    # SAPO's soft gate (loss_type: sapo) in place of clipping: its temperature for tokens of
+    # positive / non-positive advantage.
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    # VESPO's Gamma weight e^λ w^k e^(-λw) of the sequence ratio w (loss_type: vespo), for positive
+    # / negative advantages: k sets how hard w < 1 is down-weighted, λ how hard w > 1 is.
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    # Completions cut at max_completion_length leave the loss (DAPO): being unfinished does not
+    # make an answer bad, and penalising it adds noise.
+    mask_truncated_completions: bool = False
+    # Only this top quantile of completion tokens by entropy enters the policy loss (Beyond the
+    # 80/20 Rule recommends 0.2; 1 = every token, 0 = the highest-entropy one).
+    top_entropy_quantile: float = 1.0
     # beta = 0 skips the reference forward entirely (DAPO / Dr. GRPO practice).
     beta: float = 0.0
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    # TRL's true / false spellings load as group / none (OnlineConfig.__post_init__).
+    scale_rewards: Literal["group", "batch", "none", True, False] = "group"
     # mu: optimisation passes over each generated batch; > 1 stores old log-probs.
     num_iterations: int = 1
     # Log-prob forwards run each distinct prompt once and its G completions against its KV
@@ -130,6 +188,12 @@ class OnlineConfig:
     # Held-out greedy accuracy every eval_steps (0 = never) on eval_dataset_path.
     eval_steps: int = 0
     eval_max_samples: int = 200
+    # None: one greedy completion per eval prompt. n: n completions sampled with the training
+    # settings, scored and averaged (TRL samples num_generations_eval, num_generations when None).
+    num_generations_eval: Optional[int] = None
+
+    def __post_init__(self):
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
 
 
 @dataclass
@@ -163,7 +227,8 @@ class Config:
     logging_steps: int = 20
     save_steps: int = 500
     save_total_limit: int = 2
-    report_to: Literal["none", "tensorboard"] = "none"
+    # One tracker (TRL takes a list): each needs its package (pip install 'grpo-fast[<name>]').
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
     # Weights dtype. "auto" = bfloat16 on a GPU that supports it, else float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Autocast the forward/backward to bf16/fp16 while master weights and optimizer states stay
@@ -234,7 +299,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
     elif origin is Literal:
-        if value in typing.get_args(tp):
+        # Compared with the type too: True == 1, and `scale_rewards: 1` is no spelling of `true`.
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
             return value
     elif origin is list:
         if isinstance(value, list):
@@ -273,9 +339,19 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
-            raise ConfigError(f"unknown key '{dotted}'; allowed keys here: {', '.join(names)}")
+            raise ConfigError(_unknown_key(dotted, key, names))
         kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
+
+
+def _unknown_key(dotted: str, key: Any, allowed: list[str]) -> str:
+    """The error for a key the dataclass lacks; for one of TRL's names, the grpo-fast key or why
+    there is none, which helps more than the list of allowed keys."""
+    if key not in TRL_FIELDS:
+        return f"unknown key '{dotted}'; allowed keys here: {', '.join(allowed)}"
+    target, note = TRL_FIELDS[key]
+    answer = f"in grpo-fast it is {target}" + (f" ({note})" if note else "") if target else note
+    return f"unknown key '{dotted}' (TRL's name): {answer}"
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -294,11 +370,12 @@ def validate(cfg: Config) -> Config:
     _check(cfg.online.num_generations >= 2, "online.num_generations",
            f"must be >= 2 (advantages are relative to the group), got {cfg.online.num_generations}")
     for key in ("learning_rate", "offline.policy_temperature", "offline.score_temperature",
-                "online.temperature"):
+                "online.temperature", "online.repetition_penalty", "online.sapo_temperature_pos",
+                "online.sapo_temperature_neg", "online.vespo_lambda_pos", "online.vespo_lambda_neg"):
         value = _get(cfg, key)
         _check(math.isfinite(value) and value > 0, key, f"must be a finite number > 0, got {value}")
     for key in ("weight_decay", "max_grad_norm", "offline.beta", "online.beta",
-                "online.epsilon_low", "online.epsilon_high"):
+                "online.epsilon_low", "online.epsilon_high", "online.vespo_k_pos", "online.vespo_k_neg"):
         value = _get(cfg, key)
         _check(math.isfinite(value) and value >= 0, key, f"must be >= 0, got {value}")
     _check(cfg.mixed_precision == "no" or cfg.dtype in ("float32", "auto"), "mixed_precision",
@@ -319,9 +396,28 @@ def validate(cfg: Config) -> Config:
                 and not cfg.lora.enabled),
            "lora.enabled", "quantized (QLoRA) training needs LoRA: quantized weights cannot be trained")
     _check(cfg.lora_path is None or cfg.lora.enabled, "lora_path", "needs lora.enabled: true")
+    o = cfg.online
+    _check(0.0 <= o.top_entropy_quantile <= 1.0, "online.top_entropy_quantile",
+           f"must be in [0, 1] (1 = every token), got {o.top_entropy_quantile}")
+    _check(o.min_p is None or 0.0 <= o.min_p <= 1.0, "online.min_p", f"must be in [0, 1] or null, got {o.min_p}")
+    _check(o.delta is None or (math.isfinite(o.delta) and o.delta > 1.0 + o.epsilon_high), "online.delta",
+           f"must be > 1 + online.epsilon_high = {1.0 + o.epsilon_high:g} (or null = off), got {o.delta}")
+    _check(o.num_generations_eval is None or o.num_generations_eval >= 1, "online.num_generations_eval",
+           f"must be >= 1 or null (one greedy completion), got {o.num_generations_eval}")
+    for key in ("generation_kwargs", "chat_template_kwargs"):
+        _check(all(isinstance(k, str) for k in getattr(o, key)), f"online.{key}",
+               f"keys are keyword names and must be strings, got {sorted(map(repr, getattr(o, key)))}")
     for i, spec in enumerate(cfg.online.rewards):
-        _check(bool(spec.name), f"online.rewards[{i}].name", "must be a non-empty string")
-        _check(math.isfinite(spec.weight), f"online.rewards[{i}].weight", "must be finite")
+        key = f"online.rewards[{i}]"
+        _check(spec.model != "", f"{key}.model", "must be a local directory or hub id, or null")
+        _check(bool(spec.name) or spec.model is not None, key,
+               "needs name (a reward function) or model (a reward model)")
+        for option, value in (("factory", spec.factory), ("columns", spec.columns)):
+            _check(spec.model is None or not value, f"{key}.{option}",
+                   "is for reward functions: a reward model scores the prompt and completion")
+        _check(all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in spec.columns.items()),
+               f"{key}.columns", f"must map keyword names to column names (strings), got {spec.columns!r}")
+        _check(math.isfinite(spec.weight), f"{key}.weight", "must be finite")
     if cfg.mode == "online":
         _check(len(cfg.online.rewards) > 0, "online.rewards", "online mode needs at least one reward")
         _check(cfg.dataset_path is not None or cfg.online.dataset_name is not None,
@@ -384,4 +480,8 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
-    return config_from_dict(data, overrides, source=str(path))
+    cfg = config_from_dict(data, overrides, source=str(path))
+    # Where reward modules named in the config are looked for first (not a key: it is where the
+    # file is, not what it says).
+    cfg.config_dir = str(path.resolve().parent)
+    return cfg

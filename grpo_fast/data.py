@@ -248,10 +248,11 @@ class GroupCollator:
 
 
 def render_prompt(tokenizer, prompt: Any, where: str, *, chat_template: bool = False,
-                  system_prompt: Optional[str] = None) -> str:
+                  system_prompt: Optional[str] = None, chat_template_kwargs: Optional[dict] = None) -> str:
     """A prompt as text. Strings pass through, or with `chat_template` / `system_prompt` become a
-    user message; chat message lists go through the tokenizer's chat template, after the
-    system message when one is given and the list has none."""
+    user message; chat message lists go through the tokenizer's chat template (with
+    `chat_template_kwargs`, e.g. {"enable_thinking": False} for Qwen3's), after the system
+    message when one is given and the list has none."""
     if isinstance(prompt, str):
         if not prompt:
             raise DataError(f"{where}: empty prompt")
@@ -263,17 +264,20 @@ def render_prompt(tokenizer, prompt: Any, where: str, *, chat_template: bool = F
             prompt = [{"role": "system", "content": system_prompt}, *prompt]
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError(f"{where}: prompt is a list of chat messages but the tokenizer has no chat template")
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                             **(chat_template_kwargs or {}))
     raise DataError(f"{where}: prompt must be a string or a list of {{role, content}} messages, got {prompt!r:.80}")
 
 
 def load_prompt_dataset(tokenizer, *, path: Optional[str] = None, name: Optional[str] = None,
                         config_name: Optional[str] = None, split: str = "train",
                         prompt_column: str = "prompt", chat_template: bool = False,
-                        system_prompt: Optional[str] = None) -> list[dict]:
-    """Prompt records for online GRPO: each a dict with `prompt` (rendered text, see
-    `render_prompt`) and every other column of the source, unchanged (they are passed to the
-    reward functions)."""
+                        system_prompt: Optional[str] = None,
+                        chat_template_kwargs: Optional[dict] = None) -> list[dict]:
+    """Prompt records for online GRPO: each a dict with `prompt` (the text the model continues,
+    see `render_prompt`), `raw_prompt` (the source's prompt, a string or a list of chat
+    messages, as TRL hands it to reward functions) and every other column of the source,
+    unchanged (they are passed to the reward functions)."""
     if path is not None:
         rows = [(f"{path}:{line}", r) for line, r in iter_json_records(path)]
     else:
@@ -286,8 +290,9 @@ def load_prompt_dataset(tokenizer, *, path: Optional[str] = None, name: Optional
         if not isinstance(r, dict) or prompt_column not in r:
             raise DataError(f"{where}: missing column '{prompt_column}'")
         rec = {k: v for k, v in r.items() if k != prompt_column}
-        rec["prompt"] = render_prompt(tokenizer, r[prompt_column], where,
-                                      chat_template=chat_template, system_prompt=system_prompt)
+        rec["prompt"] = render_prompt(tokenizer, r[prompt_column], where, chat_template=chat_template,
+                                      system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs)
+        rec["raw_prompt"] = r[prompt_column]
         records.append(rec)
     if not records:
         raise DataError(f"{path or name}: no prompts")
@@ -300,7 +305,22 @@ def prompt_records(cfg: "Config", tokenizer, path: Optional[str], hub: bool = Fa
     o = cfg.online
     hub_args = dict(name=o.dataset_name, config_name=o.dataset_config, split=o.dataset_split) if hub else {}
     return load_prompt_dataset(tokenizer, path=path, prompt_column=o.prompt_column,
-                               chat_template=o.chat_template, system_prompt=o.system_prompt, **hub_args)
+                               chat_template=o.chat_template, system_prompt=o.system_prompt,
+                               chat_template_kwargs=o.chat_template_kwargs, **hub_args)
+
+
+def reward_inputs(records: list[dict], texts: list[str], num_generations: int) -> tuple[list, list]:
+    """(prompts, completions) as TRL hands them to reward functions, for `records` and their
+    G = `num_generations` adjacent completions each: the source's prompt, repeated G times; and
+    for a conversational prompt (a list of chat messages) the completion as
+    [{"role": "assistant", "content": text}], else the text."""
+    prompts, completions = [], []
+    for i, record in enumerate(records):
+        raw = record.get("raw_prompt", record["prompt"])
+        for text in texts[i * num_generations:(i + 1) * num_generations]:
+            prompts.append(raw)
+            completions.append([{"role": "assistant", "content": text}] if isinstance(raw, list) else text)
+    return prompts, completions
 
 
 class PromptStream:

@@ -22,7 +22,7 @@ import torch
 
 from . import logprobs
 from .config import Config, ConfigError
-from .data import GroupCollator, load_offline_dataset, prompt_records
+from .data import GroupCollator, load_offline_dataset, prompt_records, reward_inputs
 from .losses import listwise_metrics
 from .modeling import load_model_and_tokenizer
 from .preflight import check_inputs, load_rewards
@@ -113,7 +113,8 @@ def greedy_eval(backend: RolloutBackend, reward_fns: list[RewardFunction], recor
     # its KV cache is that of eval_max_samples rows (lower it if that does not fit).
     roll = backend.generate([r["prompt"] for r in records], greedy=True)
     columns = reward_columns(records, roll.completion_token_lists(), roll.terminated.tolist(), 1)
-    per_fn, total = compute_rewards(reward_fns, [r["prompt"] for r in records], roll.texts, columns)  # (N, F), (N,)
+    prompts, completions = reward_inputs(records, roll.texts, 1)
+    per_fn, total = compute_rewards(reward_fns, prompts, completions, columns)           # (N, F), (N,)
     metrics = reward_metrics(per_fn, total, reward_fns)
     out = {"accuracy": metrics[f"rewards/{reward_fns[0].name}/mean"], "reward": metrics["reward"]}
     out.update({f"rewards/{r.name}/mean": metrics[f"rewards/{r.name}/mean"] for r in reward_fns})

@@ -15,7 +15,7 @@ reads top to bottom:
 
 Not the HF `Trainer`: generation, scoring and the update live in one loop here, with nothing to
 override. Metrics (TRL's names) go to `output_dir/metrics.jsonl` every `logging_steps`, to
-TensorBoard with `report_to: tensorboard`, and to a progress bar; sampled completions with their
+the `report_to` tracker (grpo_fast.trackers), and to a progress bar; sampled completions with their
 rewards to `completions.jsonl` every `online.log_completions_steps`. Checkpoints
 (`checkpoint-<step>/`: adapter or model, optimizer, scheduler, RNG states, position in the
 prompt stream) every `save_steps`, the latest `save_total_limit` kept; `--resume` continues from
@@ -40,8 +40,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
-from .config import Config, ConfigError
-from .data import PromptStream, prompt_records
+from .config import Config
+from .data import PromptStream, prompt_records, reward_inputs
 from .errors import TrainingStopped
 from .evaluate import greedy_eval
 from .logprobs import completion_logps, reference_logps
@@ -49,8 +49,10 @@ from .losses import get_loss_type, group_advantages, grpo_loss, zero_std_fractio
 from .modeling import default_device, load_base_model, load_model_and_tokenizer
 from .optim import build_optimizer
 from .preflight import check_finite, preflight
-from .rewards import compute_rewards, reward_columns, reward_metrics
+from .rewards import RewardLogs, compute_rewards, reward_columns, reward_metrics
+from .rewards import TrainerState as RewardTrainerState
 from .rollout import Rollout, completion_metrics, eos_token_ids, make_backend
+from .trackers import open_tracker
 from .rundir import (COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, ONLINE_CHECKPOINT_FILES, JsonlWriter,
                      atomic_directory, load_rng_state, load_torch_state, read_jsonl, rotate_checkpoints,
                      save_final, save_rng_state, truncate_jsonl)
@@ -125,14 +127,7 @@ class OnlineTrainer:
         self.stream = PromptStream(len(self.prompts), cfg.seed, self.state.prompts_consumed)
         self.metrics_log = JsonlWriter(self.out / METRICS_FILE)
         self.completions_log = JsonlWriter(self.out / COMPLETIONS_FILE)
-        self.writer = None
-        if cfg.report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("report_to: tensorboard needs the tensorboard package "
-                                  "(pip install 'grpo-fast[tensorboard]')") from None
-            self.writer = SummaryWriter(cfg.logging_dir or str(self.out / "runs"))
+        self.tracker = open_tracker(cfg, self.out)
 
     # ---------------------------------------------------------------------------------------
     # One step
@@ -167,13 +162,17 @@ class OnlineTrainer:
         chunks = [records[i:i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
         rolls = [self.generate([r["prompt"] for r in chunk]) for chunk in chunks]      # ga x (B*G, C_k)
 
-        # 2. Rewards of all ga*B*G completions; dataset columns repeated G times to align.
+        # 2. Rewards of all ga*B*G completions, called as TRL calls them (keywords; chat prompts
+        #    give chat prompts and completions); dataset columns repeated G times to align.
         prompts = [r["prompt"] for r in records for _ in range(G)]
         texts = [t for roll in rolls for t in roll.texts]
         columns = reward_columns(records, [ids for r in rolls for ids in r.completion_token_lists()],
                                  [t for r in rolls for t in r.terminated.tolist()], G)
+        reward_logs = RewardLogs()
+        state = RewardTrainerState(global_step=self.state.step, max_steps=self.total_steps, epoch=self.stream.epoch)
         try:
-            per_fn, rewards = compute_rewards(self.reward_fns, prompts, texts, columns)  # (ga*B*G, F), (ga*B*G,)
+            per_fn, rewards = compute_rewards(self.reward_fns, *reward_inputs(records, texts, G), columns,
+                                              trainer_state=state, logs=reward_logs)  # (ga*B*G, F), (ga*B*G,)
         except ValueError as e:  # a reward function returned something unusable (NaN, wrong count)
             raise TrainingStopped(f"step {self.state.step + 1}: {e}") from None
 
@@ -254,9 +253,11 @@ class OnlineTrainer:
                "learning_rate": learning_rate,
                "grad_norm": grad_norm,
                "time/rollout": time_rollout,
-               "time/train": time_train}
+               "time/train": time_train,
+               **reward_logs.metric_means()}
         samples = {"prompts": prompts, "texts": texts, "rewards": rewards.tolist(),
-                   "per_fn": per_fn.tolist(), "advantages": torch.cat(advantages).tolist()}
+                   "per_fn": per_fn.tolist(), "advantages": torch.cat(advantages).tolist(),
+                   "extra": reward_logs.extra}
         return out, samples
 
     @property
@@ -287,7 +288,9 @@ class OnlineTrainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
                 if state.step == 1 or state.step % cfg.logging_steps == 0 or state.step == self.total_steps:
-                    self.log_row({k: _nanmean([m[k] for m in pending]) for k in pending[0]})
+                    # A key only some steps log (a reward function's log_metric) averages over those.
+                    keys = dict.fromkeys(k for m in pending for k in m)
+                    self.log_row({k: _nanmean([m.get(k, math.nan) for m in pending]) for k in keys})
                     pending.clear()
                 if self.o.log_completions_steps > 0 and state.step % self.o.log_completions_steps == 0:
                     self.log_completions(samples)
@@ -303,8 +306,8 @@ class OnlineTrainer:
             raise
         finally:
             bar.close()
-            if self.writer is not None:
-                self.writer.close()
+            if self.tracker is not None:
+                self.tracker.close()
         save_final(cfg, self.model, self.tokenizer, cfg.output_dir)
         summary = {"global_step": state.step, "train_runtime": time.perf_counter() - start,
                    **reward_summary(self.out / METRICS_FILE)}
@@ -319,9 +322,8 @@ class OnlineTrainer:
         TensorBoard, and the log."""
         logs = {**logs, "epoch": round(self.stream.epoch, 4)}
         self.metrics_log.write({"step": self.state.step, "time": round(time.time(), 3), **logs})
-        if self.writer is not None:
-            for k, v in logs.items():
-                self.writer.add_scalar(k if "/" in k else f"train/{k}", v, self.state.step)
+        if self.tracker is not None:
+            self.tracker.log(logs, self.state.step)
         shown = ("reward", "loss", "kl", "entropy", "completions/mean_length", "eval/accuracy", "eval/reward")
         logger.info("step %d: %s", self.state.step,
                     ", ".join(f"{k}={logs[k]:.4g}" for k in shown if k in logs))
@@ -332,7 +334,8 @@ class OnlineTrainer:
         self.completions_log.write_many([
             {"step": self.state.step, "prompt": prompt, "completion": text,
              "reward": samples["rewards"][i], "advantage": samples["advantages"][i],
-             "rewards": dict(zip(names, samples["per_fn"][i]))}
+             "rewards": dict(zip(names, samples["per_fn"][i])),
+             **{column: values[i] for column, values in samples["extra"].items()}}
             for i, (prompt, text) in enumerate(zip(samples["prompts"], samples["texts"]))])
         for i in range(min(self.o.num_generations, len(samples["texts"]))):
             logger.info("sample (step %d) reward %.3f adv %+.3f | %r -> %r", self.state.step,

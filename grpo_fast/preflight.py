@@ -23,9 +23,11 @@ import torch
 
 from .config import Config, ConfigError
 from .errors import TrainingStopped
-from .modeling import check_adapter_source, check_model_source
-from .rewards import RewardFunction, load_reward_functions
+from .modeling import check_adapter_source, check_model_source, default_device
+from .reward_models import load_reward_functions
+from .rewards import RewardFunction
 from .rundir import prepare_output_dir
+from .trackers import check_tracker
 
 
 def check_input_file(path: Optional[str], key: str) -> None:
@@ -54,9 +56,13 @@ def check_inputs(cfg: Config, files: Mapping[str, Optional[str]], adapter: Optio
 
 
 def load_rewards(cfg: Config) -> list[RewardFunction]:
-    """The online reward functions; an import or spec problem is a config error."""
+    """The online reward functions (reward models loaded onto the policy's device); an import or
+    spec problem is a config error. Reward modules are looked for in the config file's directory,
+    then the working directory, then sys.path."""
+    search_paths = [p for p in (getattr(cfg, "config_dir", None), os.getcwd()) if p]
     try:
-        return load_reward_functions([asdict(s) for s in cfg.online.rewards])
+        return load_reward_functions([asdict(s) for s in cfg.online.rewards], search_paths=search_paths,
+                                     device=default_device())
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -66,6 +72,7 @@ def preflight(cfg: Config, resume: bool, checkpoint_files: Sequence[str]) -> tup
     or None, the loaded reward functions: empty offline)."""
     for key in ("dataset_path", "eval_dataset_path"):
         check_input_file(getattr(cfg, key), key)
+    check_tracker(cfg)
     resume_ckpt = prepare_output_dir(cfg.output_dir, resume, checkpoint_files)
     reward_fns = load_rewards(cfg) if cfg.mode == "online" else []
     check_inputs(cfg, {})

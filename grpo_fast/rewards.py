@@ -1,39 +1,51 @@
-r"""Reward functions for online GRPO: built-ins, loading from config, and batched scoring.
+r"""Reward functions for online GRPO: built-ins, the calling convention, and batched scoring.
 
-A reward function has the signature TRL users already write::
+Reward functions follow TRL's (1.16) ``GRPOTrainer`` convention, so TRL users keep theirs.
+Every function is called with keywords only::
 
-    def my_reward(prompts, completions, **columns) -> list[float | None]
+    fn(prompts=..., completions=..., completion_ids=..., trainer_state=...,
+       log_extra=..., log_metric=..., **columns) -> list[float | None]
 
-``prompts`` and ``completions`` are lists of strings (completions decoded with special tokens
-stripped); ``columns`` holds every extra dataset column (e.g. ``answer``) plus
-``completion_ids`` (list[list[int]]) and ``terminated`` (list[bool]: True when the completion
-ended with EOS rather than at the length limit), each a list aligned with ``completions``.
-Return one finite float per completion, or None where the reward does not apply to that sample
-(a NaN or inf is an error, never read as None).
-Functions should take ``**kwargs`` so new columns do not break them.
+- ``prompts``/``completions``: one per completion (a prompt repeated for its G completions).
+  Strings for plain data; for conversational data (prompts are chat message lists) ``prompts``
+  are the message lists and each completion is ``[{"role": "assistant", "content": text}]``
+  (``as_conversational``), as TRL passes them.
+- ``completion_ids``: list[list[int]], each completion's token ids.
+- ``trainer_state``: a ``TrainerState`` (``global_step``, ``max_steps``, ``epoch``), for rewards
+  shaped by training progress; None outside training.
+- ``log_extra(column, values)``: add a column (one value per completion) to the step's
+  completions log; ``log_metric(name, value)``: add a scalar averaged into the step's metrics.
+  Both land in the ``RewardLogs`` passed to ``compute_rewards``.
+- ``columns``: every extra dataset column repeated G times, plus ``terminated`` (list[bool]:
+  True when the completion ended with EOS rather than at the length limit); see
+  ``reward_columns``. A spec's column mapping renames columns for one function.
 
-Config lists rewards as specs::
+So ``def f(prompts, completions, **kwargs)``, ``def f(completions, **kwargs)``,
+``def f(completion_ids, **kwargs)`` and keyword-only signatures all work; a function should take
+``**kwargs`` so keywords it does not use do not break it. Return one finite float per completion,
+or None where the reward does not apply to that sample (a NaN or inf is an error, never read as
+None). ``async def`` functions (and callables with an ``async def __call__``) run concurrently,
+after the synchronous ones, as in TRL.
 
-    rewards:
-      - {name: math_answer}
-      - {name: format, weight: 0.2, kwargs: {pattern: "<answer>.*?</answer>"}}
-      - {name: my_pkg.rewards:brevity, weight: 0.5}
+``grpo_fast.reward_models.load_reward_functions`` resolves the config's reward specs into
+``RewardFunction``s, ``compute_rewards`` runs them on a batch and combines them,
+``reward_metrics`` summarizes the result under TRL's metric names. This module imports nothing
+of grpo_fast and never transformers.
 
-``load_reward_functions(specs)`` resolves them (built-in name or ``"package.module:function"``),
-``compute_rewards`` runs them on a batch and combines them, ``reward_metrics`` summarizes the
-result under TRL's metric names.
-
-Built-ins (``BUILTIN_REWARDS``): ``math_answer``, ``format``, ``length``, ``exact_match``.
+Built-ins (``BUILTIN_REWARDS``): ``math_answer``, ``format``, ``length``, ``exact_match``; each
+takes plain or conversational completions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import importlib
+import inspect
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,18 +54,39 @@ from torch import Tensor
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "REWARD_KEYWORDS",
     "RewardFunction",
+    "RewardLogs",
+    "TrainerState",
+    "as_conversational",
+    "completion_text",
     "compute_rewards",
     "exact_match_reward",
     "extract_answer",
     "format_reward",
     "length_reward",
-    "load_reward_functions",
     "math_answer_reward",
+    "reward_columns",
     "reward_metrics",
 ]
 
 RewardFn = Callable[..., Sequence[Any]]
+
+# --------------------------------------------------------------------------------------------
+# Plain and conversational data
+# --------------------------------------------------------------------------------------------
+
+
+def as_conversational(texts: Iterable[str]) -> list[list[dict[str, str]]]:
+    """Completion texts in TRL's conversational form: one assistant message each."""
+    return [[{"role": "assistant", "content": text}] for text in texts]
+
+
+def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
+    """A plain completion itself, or a conversational one's last message content (with tool
+    calls the final answer is in the last assistant message)."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
 
 # --------------------------------------------------------------------------------------------
 # Answer extraction for math_answer
@@ -141,7 +174,7 @@ def _reference_value(answer: Any) -> float | None:
 
 def math_answer_reward(
     prompts: Sequence[Any],
-    completions: Sequence[str],
+    completions: Sequence[Any],
     *,
     answer: Sequence[Any],
     tolerance: float = 1e-6,
@@ -161,7 +194,7 @@ def math_answer_reward(
         if reference is None:
             rewards.append(None)
             continue
-        predicted = extract_answer(completion)
+        predicted = extract_answer(completion_text(completion))
         correct = predicted is not None and math.isclose(
             predicted, reference, rel_tol=tolerance, abs_tol=tolerance
         )
@@ -179,7 +212,7 @@ def _compile_format(pattern: str) -> re.Pattern[str]:
 
 def format_reward(
     prompts: Sequence[Any],
-    completions: Sequence[str],
+    completions: Sequence[Any],
     *,
     pattern: str = DEFAULT_FORMAT_PATTERN,
     **kwargs: Any,
@@ -192,12 +225,12 @@ def format_reward(
     chat template already opens ``<think>`` in the prompt.
     """
     compiled = _compile_format(pattern)
-    return [1.0 if compiled.fullmatch(c.strip()) else 0.0 for c in completions]
+    return [1.0 if compiled.fullmatch(completion_text(c).strip()) else 0.0 for c in completions]
 
 
 def length_reward(
     prompts: Sequence[Any],
-    completions: Sequence[str],
+    completions: Sequence[Any],
     *,
     target: int = 256,
     completion_ids: Sequence[Sequence[int]] | None = None,
@@ -206,18 +239,22 @@ def length_reward(
     """Penalty for running past ``target``: 0 up to it, then -(excess / target), floored at -1.
 
     Length is in tokens (``len(completion_ids[i])``) when the ``completion_ids`` column is given,
-    which the rollout always does, and in characters otherwise; ``target`` is in the same unit.
+    which the rollout always does, and in characters of the completion text otherwise;
+    ``target`` is in the same unit.
     Reaches -1 at twice the target.
     """
     if target <= 0:
         raise ValueError(f"length reward target must be > 0, got {target}")
-    lengths = [len(ids) for ids in completion_ids] if completion_ids is not None else map(len, completions)
+    if completion_ids is not None:
+        lengths = [len(ids) for ids in completion_ids]
+    else:
+        lengths = [len(completion_text(c)) for c in completions]
     return [max(-1.0, min(0.0, (target - n) / target)) for n in lengths]
 
 
 def exact_match_reward(
     prompts: Sequence[Any],
-    completions: Sequence[str],
+    completions: Sequence[Any],
     *,
     answer: Sequence[Any],
     terminated: Sequence[bool] | None = None,
@@ -232,7 +269,7 @@ def exact_match_reward(
     if terminated is None:
         terminated = [True] * len(completions)
     return [
-        1.0 if done and completion.strip() == str(ref).strip() else 0.0
+        1.0 if done and completion_text(completion).strip() == str(ref).strip() else 0.0
         for completion, ref, done in zip(completions, answer, terminated, strict=True)
     ]
 
@@ -246,112 +283,151 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
 
 
 # --------------------------------------------------------------------------------------------
-# Loading from config
+# Resolved rewards and what they are called with
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RewardFunction:
-    """A resolved reward: ``fn`` already has the spec's ``kwargs`` bound (functools.partial).
+    """A resolved reward (``grpo_fast.reward_models.load_reward_functions`` builds them from
+    specs). ``fn`` already has the spec's ``kwargs`` bound (functools.partial), or is what the
+    spec's factory returned, or a ``grpo_fast.reward_models.RewardModel``.
 
-    ``name`` is the built-in name, or the function's name for ``"module:function"`` specs
-    (as TRL names custom rewards); it keys the ``rewards/<name>/...`` metrics.
+    ``name`` keys the ``rewards/<name>/...`` metrics: the built-in name, the function's
+    ``__name__`` (a callable object's class name), as TRL names custom rewards, or a reward
+    model's basename. ``columns`` maps a keyword ``fn`` receives to the dataset column it is read
+    from.
     """
 
     name: str
     fn: RewardFn
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
 
 
-_SPEC_KEYS = frozenset({"name", "weight", "kwargs"})
+# The keywords compute_rewards passes every function itself; no column mapping may set one.
+# completion_ids travels in `columns` (reward_columns builds it), so only the others may not be
+# dataset columns.
+REWARD_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+_RESERVED_COLUMNS = tuple(k for k in REWARD_KEYWORDS if k != "completion_ids")
 
 
-def _one_line(err: BaseException) -> str:
-    """``Type: message`` on one line (a SyntaxError's or a user exception's may span several)."""
-    message = " ".join(str(err).split())
-    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+@dataclass
+class TrainerState:
+    """Training progress as reward functions see it (``trainer_state``), under the field names
+    of transformers' TrainerState, which TRL passes: ``global_step`` counts the optimizer steps
+    done (0 while the first step's completions are scored), ``max_steps`` the steps the run will
+    take, ``epoch`` the (fractional) passes over the prompts so far."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
 
 
-def _import_function(path: str) -> RewardFn:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError("expected 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # any import-time failure of user code, not only ImportError
-        raise ValueError(f"cannot import module {module_name!r}: {_one_line(err)}") from err
-    try:
-        fn = getattr(module, attr)
-    except AttributeError as err:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from err
-    if not callable(fn):
-        raise ValueError(f"{attr!r} is a {type(fn).__name__}, not a callable")
-    return fn
+@dataclass
+class RewardLogs:
+    """What reward functions logged through ``log_extra`` and ``log_metric``.
 
-
-def _load_one(spec: Any) -> RewardFunction:
-    """One spec resolved; a ValueError here says what is wrong, the caller says which spec."""
-    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or not spec["name"]:
-        raise ValueError(
-            f"reward spec must be a mapping with a 'name' (a non-empty string), got {spec!r:.80}"
-        )
-    unknown = set(spec) - _SPEC_KEYS
-    if unknown:
-        raise ValueError(f"unknown spec keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
-    name = spec["name"]
-    if ":" in name:
-        target = _import_function(name)
-        name = name.partition(":")[2]
-    elif name in BUILTIN_REWARDS:
-        target = BUILTIN_REWARDS[name]
-    else:
-        raise ValueError(
-            f"unknown reward; built-ins are {sorted(BUILTIN_REWARDS)}, "
-            "or give an import path 'package.module:function'"
-        )
-    kwargs = spec.get("kwargs") or {}
-    if not isinstance(kwargs, Mapping):
-        raise ValueError(f"'kwargs' must be a mapping, got {type(kwargs).__name__}")
-    weight = spec.get("weight", 1.0)
-    # A non-finite weight would make every total inf or NaN.
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-        raise ValueError(f"'weight' must be a finite number, got {weight!r}")
-    kwargs = dict(kwargs)
-    fn = functools.partial(target, **kwargs) if kwargs else target
-    return RewardFunction(name=name, fn=fn, weight=float(weight), kwargs=kwargs)
-
-
-def load_reward_functions(specs: Sequence[Mapping[str, Any]]) -> list[RewardFunction]:
-    """Resolve reward specs ``{"name": str, "weight": float = 1.0, "kwargs": dict = {}}``.
-
-    ``name`` is a key of ``BUILTIN_REWARDS`` or ``"package.module:function"``. Raises ValueError
-    for an unknown built-in (listing the built-ins), an unimportable module (with the original
-    error's type and message; the original is chained), a missing or non-callable attribute,
-    unknown spec keys, a non-mapping ``kwargs``, a non-finite ``weight``, or two rewards with the
-    same name (their metrics would collide). Every message is one line that starts with the
-    spec's config key (specs are the config's ``online.rewards``) and name, e.g.
-    ``online.rewards[1] 'my_mod:fn': cannot import module 'my_mod': SyntaxError: invalid syntax
-    (my_mod.py, line 3)``.
+    ``extra``: column -> one value per completion scored into these logs (None for the
+    completions of a ``compute_rewards`` call in which no function logged that column), for the
+    completions log; a column logged twice in one call keeps the last values. ``metrics``:
+    name -> every value logged; ``metric_means()`` averages them for the step's metrics row, as
+    TRL averages over its logging step. ``num_rows``: completions scored into these logs.
     """
-    loaded: list[RewardFunction] = []
-    for i, spec in enumerate(specs):
-        name = spec.get("name") if isinstance(spec, Mapping) else None
-        label = f"online.rewards[{i}]" + (f" {name!r}" if isinstance(name, str) else "")
-        try:
-            reward = _load_one(spec)
-        except ValueError as err:
-            # Chain the user's import error (if any), not this ValueError, whose text is repeated.
-            raise ValueError(f"{label}: {err}") from err.__cause__
-        if any(r.name == reward.name for r in loaded):
-            raise ValueError(f"{label}: reward {reward.name!r} is listed twice; its metrics would collide")
-        loaded.append(reward)
-    return loaded
+
+    extra: dict[str, list[Any]] = field(default_factory=dict)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    num_rows: int = 0
+
+    def metric_means(self) -> dict[str, float]:
+        return {name: sum(values) / len(values) for name, values in self.metrics.items()}
+
+    def _add(self, extra: Mapping[str, list[Any]], metrics: Iterable[tuple[str, float]], n: int) -> None:
+        """One call's logs: ``n`` more rows; columns are padded with None to stay row-aligned."""
+        for column in extra:
+            self.extra.setdefault(column, [None] * self.num_rows)
+        for column, values in self.extra.items():
+            values.extend(extra.get(column, [None] * n))
+        for name, value in metrics:
+            self.metrics.setdefault(name, []).append(value)
+        self.num_rows += n
 
 
-# --------------------------------------------------------------------------------------------
-# Scoring a batch
-# --------------------------------------------------------------------------------------------
+class _FunctionLog:
+    """One function's ``log_extra``/``log_metric`` calls, checked after it returns (so a bad call
+    is reported by the function's name) and merged in spec order, whatever order async functions
+    finish in."""
+
+    def __init__(self) -> None:
+        self.extra: dict[Any, list[Any]] = {}
+        self.metrics: list[tuple[Any, Any]] = []
+
+    def log_extra(self, column: str, values: list) -> None:
+        self.extra[column] = list(values)
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics.append((name, value))
+
+    def checked(self, fn_name: str, n: int) -> tuple[dict[str, list[Any]], list[tuple[str, float]]]:
+        for column, values in self.extra.items():
+            if not isinstance(column, str):
+                raise ValueError(f"reward function '{fn_name}' called log_extra with a {type(column).__name__} "
+                                 "column name; expected str")
+            if len(values) != n:
+                raise ValueError(f"reward function '{fn_name}' logged {len(values)} values for column "
+                                 f"{column!r}, expected {n} (one per completion)")
+        metrics = []
+        for name, value in self.metrics:
+            if torch.is_tensor(value) and value.numel() == 1:
+                value = value.item()
+            if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"reward function '{fn_name}' called log_metric({name!r:.40}, {value!r:.40}); "
+                                 "expected a str name and a real number")
+            metrics.append((name, float(value)))
+        return self.extra, metrics
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` returns a coroutine, as TRL tells: through functools.partial, and
+    for callable objects by their ``__call__``."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+_event_loop_lock = threading.Lock()
+_event_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _async_loop() -> asyncio.AbstractEventLoop:
+    """The event loop async reward functions run on: one per process, in a daemon thread, as
+    TRL's. It works whether or not the caller runs a loop itself, and clients that a reward
+    module binds to the loop (an aiohttp session, an httpx.AsyncClient) keep working from step to
+    step, which a fresh asyncio.run per batch would break."""
+    global _event_loop
+    with _event_loop_lock:
+        if _event_loop is None:
+            _event_loop = asyncio.new_event_loop()
+            threading.Thread(target=_event_loop.run_forever, name="grpo-fast-async-rewards", daemon=True).start()
+        return _event_loop
+
+
+def _run_concurrently(calls: Sequence[tuple[RewardFunction, dict[str, Any]]]) -> list[Any]:
+    """Await every async reward call at once (asyncio.gather); raise for the first, in spec
+    order, that failed."""
+
+    async def call(reward: RewardFunction, kwargs: dict[str, Any]) -> Any:
+        return await reward.fn(**kwargs)
+
+    async def gather() -> list[Any]:
+        return await asyncio.gather(*(call(reward, kwargs) for reward, kwargs in calls), return_exceptions=True)
+
+    results = asyncio.run_coroutine_threadsafe(gather(), _async_loop()).result()
+    for (reward, _), result in zip(calls, results):
+        if isinstance(result, BaseException):
+            raise RuntimeError(f"reward function '{reward.name}' failed: {result!r}") from result
+    return results
 
 
 def _as_rewards(name: str, output: Any, expected: int) -> list[float]:
@@ -399,15 +475,37 @@ def _check_finite(
         raise ValueError(f"the weighted rewards of sample {overflow[0].item()} sum past float32's range")
 
 
+def _call_kwargs(
+    reward: RewardFunction, shared: Mapping[str, Any], columns: Mapping[str, Sequence[Any]], log: _FunctionLog
+) -> dict[str, Any]:
+    """The keywords one function is called with: the shared ones, its column mapping, its log."""
+    kwargs = {**shared, "log_extra": log.log_extra, "log_metric": log.log_metric}
+    for keyword, column in reward.columns.items():
+        if column not in columns:
+            raise ValueError(f"reward function '{reward.name}' reads dataset column {column!r} as {keyword!r}, "
+                             f"but the batch has no such column (it has {sorted(columns)})")
+        kwargs[keyword] = columns[column]
+    return kwargs
+
+
 def compute_rewards(
     reward_fns: Sequence[RewardFunction],
     prompts: Sequence[Any],
-    completions: Sequence[str],
+    completions: Sequence[Any],
     columns: Mapping[str, Sequence[Any]],
+    *,
+    trainer_state: TrainerState | None = None,
+    logs: RewardLogs | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run every reward function on the batch and combine them.
 
-    Each function is called as ``fn(prompts, completions, **columns)``.
+    Each function is called as TRL calls it, keywords only: ``fn(prompts=prompts,
+    completions=completions, completion_ids=columns["completion_ids"] (None if absent),
+    trainer_state=trainer_state, log_extra=..., log_metric=..., **columns)``, with its spec's
+    column mapping applied. ``prompts`` and ``completions`` are passed through as given (strings,
+    or for conversational data message lists: see ``as_conversational``). Synchronous functions
+    run first, in order, then the async ones together on one event loop. What they log goes to
+    ``logs`` (pass a fresh ``RewardLogs`` per step), and only once every function has succeeded.
 
     Returns:
         per_fn: (N, F) float32, NaN where a function returned None.
@@ -418,21 +516,44 @@ def compute_rewards(
         RuntimeError: a function raised (chained from the original exception, naming it).
         ValueError: a function returned the wrong number of rewards, a non-numeric one, NaN or
             +-inf (naming it and the sample), or a reward that, times its weight or summed into
-            the total, overflows float32.
+            the total, overflows float32; a function logged a column of the wrong length or a
+            non-numeric metric; a column mapping names a column the batch lacks; a dataset column
+            has the name of one of the keywords above.
     """
     n = len(completions)
-    columns_out = []
-    for reward in reward_fns:
+    clash = [k for k in _RESERVED_COLUMNS if k in columns]
+    if clash:
+        raise ValueError(f"dataset column {clash[0]!r} has the name of a reward-function keyword; rename it")
+    shared = {**columns, "prompts": prompts, "completions": completions,
+              "completion_ids": columns.get("completion_ids"), "trainer_state": trainer_state}
+    fn_logs = [_FunctionLog() for _ in reward_fns]
+    calls = [(reward, _call_kwargs(reward, shared, columns, log)) for reward, log in zip(reward_fns, fn_logs)]
+
+    outputs: list[Any] = [None] * len(calls)
+    async_calls = [i for i, (reward, _) in enumerate(calls) if _is_async(reward.fn)]
+    for i, (reward, kwargs) in enumerate(calls):
+        if _is_async(reward.fn):
+            continue
         try:
-            output = reward.fn(prompts, completions, **columns)
+            outputs[i] = reward.fn(**kwargs)
         except Exception as err:
             raise RuntimeError(f"reward function '{reward.name}' failed: {err!r}") from err
-        columns_out.append(_as_rewards(reward.name, output, n))
+    if async_calls:
+        for i, output in zip(async_calls, _run_concurrently([calls[i] for i in async_calls])):
+            outputs[i] = output
+    columns_out = [_as_rewards(reward.name, output, n) for reward, output in zip(reward_fns, outputs)]
+
+    checked = [log.checked(reward.name, n) for reward, log in zip(reward_fns, fn_logs)]
     per_fn = torch.tensor(columns_out, dtype=torch.float32).reshape(len(reward_fns), n).T.contiguous()
     weights = torch.tensor([r.weight for r in reward_fns], dtype=torch.float32)
     weighted = per_fn * weights
     total = weighted.nansum(dim=1)
     _check_finite(reward_fns, per_fn, weighted, total)
+    if logs is not None:
+        extra: dict[str, list[Any]] = {}
+        for fn_extra, _ in checked:
+            extra.update(fn_extra)
+        logs._add(extra, [m for _, fn_metrics in checked for m in fn_metrics], n)
     return per_fn, total
 
 
@@ -464,7 +585,9 @@ def reward_columns(records: Sequence[Mapping[str, Any]], completion_ids: Sequenc
     dataset column of `records` repeated G = `num_generations` times (aligned with the
     completions, a prompt's G adjacent), plus `completion_ids` (each completion's token ids, EOS
     included when it ended with one) and `terminated` (True when it ended with EOS)."""
-    keys = sorted({k for r in records for k in r if k != "prompt"})
+    # "prompt" is the rendered text the model continued and "raw_prompt" the source's prompt:
+    # both reach reward functions as `prompts`, not as columns.
+    keys = sorted({k for r in records for k in r if k not in ("prompt", "raw_prompt")})
     columns: dict[str, list] = {k: [r.get(k) for r in records for _ in range(num_generations)] for k in keys}
     columns["completion_ids"] = [list(ids) for ids in completion_ids]
     columns["terminated"] = list(terminated)

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from grpo_fast.data import (DataError, GroupCollator, load_offline_dataset, load_prompt_dataset,
+from grpo_fast.data import (DataError, GroupCollator, load_offline_dataset, load_prompt_dataset, reward_inputs,
                             load_scored_records, tokenize_group)
 from grpo_fast.losses import MAX_SCALED_SCORE
 from grpo_fast.modeling import build_byte_tokenizer
@@ -182,7 +182,7 @@ def test_collator_pads_groups_of_different_sizes(tmp_path, tok):
 def test_prompt_dataset_keeps_columns_and_renders_chat(tmp_path, tok):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2=", "answer": "4"}])
     (rec,) = load_prompt_dataset(tok, path=path)
-    assert rec == {"prompt": "2+2=", "answer": "4"}
+    assert rec == {"prompt": "2+2=", "raw_prompt": "2+2=", "answer": "4"}
     chat = write_jsonl(tmp_path / "c.jsonl", [{"prompt": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(DataError, match=r"c\.jsonl:1: .*no chat template"):
         load_prompt_dataset(tok, path=chat)
@@ -190,13 +190,21 @@ def test_prompt_dataset_keeps_columns_and_renders_chat(tmp_path, tok):
     try:
         (rec,) = load_prompt_dataset(tok, path=chat)
         assert rec["prompt"] == "<user>hi<assistant>"
+        assert rec["raw_prompt"] == [{"role": "user", "content": "hi"}], "rewards get the messages"
+        prompts, completions = reward_inputs([rec], ["yo", "ok"], 2)
+        assert prompts == [rec["raw_prompt"]] * 2
+        assert completions == [[{"role": "assistant", "content": "yo"}], [{"role": "assistant", "content": "ok"}]]
+        assert reward_inputs([{"prompt": "a", "raw_prompt": "a"}], ["b"], 1) == (["a"], ["b"])
+        tok.chat_template = "{{ messages[0]['content'] }}{% if enable_thinking %}<think>{% endif %}"
+        (rec,) = load_prompt_dataset(tok, path=chat, chat_template_kwargs={"enable_thinking": True})
+        assert rec["prompt"] == "hi<think>", "chat_template_kwargs reach the template"
     finally:
         tok.chat_template = None
     tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                          "<assistant>")
     try:
         (rec,) = load_prompt_dataset(tok, path=path, chat_template=True)
-        assert rec == {"prompt": "<user>2+2=<assistant>", "answer": "4"}
+        assert rec == {"prompt": "<user>2+2=<assistant>", "raw_prompt": "2+2=", "answer": "4"}
         (rec,) = load_prompt_dataset(tok, path=path, system_prompt="End with #### N.")
         assert rec["prompt"] == "<system>End with #### N.<user>2+2=<assistant>"
         (rec,) = load_prompt_dataset(tok, path=chat, system_prompt="S")

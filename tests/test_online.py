@@ -164,27 +164,38 @@ def test_completion_mask_stops_after_first_eos(tiny, monkeypatch):
     assert kept == [[1]]      # row 0 left the batch after its EOS
 
 
-@pytest.mark.parametrize("sampling", [None, {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
-                                      {"temperature": 0.7, "top_p": 0.9, "top_k": 5}],
-                         ids=["greedy", "plain", "filtered"])
-def test_sampler_matches_hf_generate(tiny, sampling):
+@pytest.mark.parametrize("greedy, sampling", [
+    (True, {}), (False, {"temperature": 1.0, "top_p": 1.0, "top_k": 0}),
+    (False, {"temperature": 0.7, "top_p": 0.9, "top_k": 5}), (False, {"temperature": 0.8, "top_k": 0, "min_p": 0.2}),
+    (False, {"temperature": 1.0, "top_k": 0, "repetition_penalty": 1.8}), (True, {"repetition_penalty": 1.8})],
+    ids=["greedy", "plain", "filtered", "min_p", "repetition_penalty", "greedy-repetition_penalty"])
+def test_sampler_matches_hf_generate(tiny, greedy, sampling):
     """The lean loop (one prompt pass shared by the G rows) decodes what `generate` decodes: the
-    same greedy tokens, and the same samples from the same RNG state, on left-padded prompts."""
+    same greedy tokens, and the same samples from the same RNG state, on left-padded prompts,
+    with every sampling setting (HF's processors and warpers, in HF's order)."""
     cfg, model, tok = tiny
     model.eval()
     prompt_ids, prompt_mask = tokenize_prompts(tok, ["ab=", "cdefg=", "h="], 8, torch.device("cpu"))
-    G = 1 if sampling is None else 4
+    G = 1 if greedy else 4
     eos = [tok.eos_token_id]
-    settings = sampling or {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
-    config = GenerationConfig(do_sample=sampling is not None, max_new_tokens=6, num_beams=1,
+    settings = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, **sampling} if greedy else sampling
+    config = GenerationConfig(do_sample=not greedy, max_new_tokens=6, num_beams=1,
                               eos_token_id=eos, pad_token_id=tok.pad_token_id, **settings)
     torch.manual_seed(7)
     expected = model.generate(input_ids=prompt_ids.repeat_interleave(G, 0), attention_mask=prompt_mask.repeat_interleave(G, 0),
                               generation_config=config)[:, prompt_ids.size(1):]
     torch.manual_seed(7)
     got = sample_completions(model, prompt_ids, prompt_mask, num_generations=G, max_completion_length=6,
-                             eos_ids=eos, pad_id=tok.pad_token_id, greedy=sampling is None, **(sampling or {}))
+                             eos_ids=eos, pad_id=tok.pad_token_id, greedy=greedy, **sampling)
     assert torch.equal(got, expected[:, :got.size(1)]) and (expected[:, got.size(1):] == tok.pad_token_id).all()
+    # (A sampled near-uniform tiny model draws the same tokens with or without a mild penalty;
+    # greedy decoding shows it.)
+    if "min_p" in sampling or (greedy and "repetition_penalty" in sampling):
+        torch.manual_seed(7)
+        plain = sample_completions(model, prompt_ids, prompt_mask, num_generations=G, max_completion_length=6,
+                                   eos_ids=eos, pad_id=tok.pad_token_id, greedy=greedy,
+                                   temperature=sampling.get("temperature", 1.0))
+        assert not torch.equal(plain, got), "the setting changes what is sampled"
 
 
 def test_filter_logits_temperature_top_k_top_p():

@@ -1,4 +1,8 @@
-"""Tests for grpo_fast.rewards: built-in rewards, loading specs, and batch scoring."""
+"""Tests for grpo_fast.rewards (built-in rewards, batch scoring) and loading specs
+(grpo_fast.reward_models.load_reward_functions).
+
+TRL compatibility (calling convention, trl.rewards, async, logs, reward models) is in
+test_rewards_trl.py."""
 
 import math
 import re
@@ -10,15 +14,16 @@ import torch
 from grpo_fast.rewards import (
     BUILTIN_REWARDS,
     RewardFunction,
+    as_conversational,
     compute_rewards,
     exact_match_reward,
     extract_answer,
     format_reward,
     length_reward,
-    load_reward_functions,
     math_answer_reward,
     reward_metrics,
 )
+from grpo_fast.reward_models import load_reward_functions
 
 
 def _math(completion, answer, **kwargs):
@@ -122,6 +127,23 @@ def test_exact_match_requires_termination_when_given():
     terminated = [True, True, False, True]
     rewards = exact_match_reward(["p"] * 4, completions, answer=answers, terminated=terminated)
     assert rewards == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_builtins_take_conversational_completions():
+    texts = [r"\boxed{3}", "<think>x</think><answer>3</answer>", " 3 "]
+    chats = as_conversational(texts)
+    assert chats[0] == [{"role": "assistant", "content": texts[0]}]
+    prompts = [[{"role": "user", "content": "1+2?"}]] * 3
+    answers = ["3"] * 3
+    for fn, kwargs in [(math_answer_reward, {"answer": answers}), (format_reward, {}),
+                       (length_reward, {"target": 4}), (exact_match_reward, {"answer": answers})]:
+        assert fn(prompts, chats, **kwargs) == fn(["p"] * 3, texts, **kwargs), fn.__name__
+    assert exact_match_reward(prompts, chats, answer=answers) == [0.0, 0.0, 1.0]
+    assert length_reward(prompts, chats, target=4) == [-1.0, -1.0, 0.0]  # characters of the content
+    # A multi-message completion (tool use) is read from its last message.
+    tool_use = [[{"role": "assistant", "content": "call"}, {"role": "tool", "content": "7"},
+                 {"role": "assistant", "content": "it is 7"}]]
+    assert math_answer_reward(prompts[:1], tool_use, answer=["7"]) == [1.0]
 
 
 def test_builtins_ignore_unknown_columns():
@@ -257,8 +279,16 @@ def test_compute_rewards_passes_columns():
 
     columns = {"answer": ["1", "2"], "completion_ids": [[1, 2], [3]], "terminated": [True, False]}
     _, total = compute_rewards([_reward("spy", spy)], ["p", "q"], ["a", "b"], columns)
-    assert seen == columns
+    assert {k: seen[k] for k in columns} == columns
+    # Beside the columns: TRL's keywords (test_rewards_trl.py checks what they do).
+    assert set(seen) - set(columns) == {"trainer_state", "log_extra", "log_metric"}
     torch.testing.assert_close(total, torch.tensor([2.0, 1.0]))
+
+
+def test_dataset_column_named_like_a_keyword_is_an_error():
+    fn = _reward("a", lambda **kw: [0.0])
+    with pytest.raises(ValueError, match="dataset column 'trainer_state' has the name of a reward-function keyword"):
+        compute_rewards([fn], ["p"], ["c"], {"trainer_state": ["x"]})
 
 
 def test_array_outputs_are_accepted():

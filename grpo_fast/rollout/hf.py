@@ -32,10 +32,11 @@ from . import Rollout, RolloutBackend, completion_mask_after_eos, eos_token_ids,
 
 
 def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> Tensor:
+                  top_p: float = 1.0, min_p: Optional[float] = None) -> Tensor:
     """(N, V) next-token logits divided by `temperature`, then all but the `top_k` largest (0: no
-    limit) and all outside the smallest set holding `top_p` of the probability set to -inf: HF's
-    Temperature, TopK and TopP warpers in their order, ties and the one token top-p always keeps
+    limit), all outside the smallest set holding `top_p` of the probability, and (`min_p`) all
+    whose probability is below min_p times the top token's set to -inf: HF's Temperature, TopK,
+    TopP and MinP warpers in their order, ties and the one token top-p and min-p always keep
     included."""
     if temperature != 1.0:
         logits = logits / temperature
@@ -47,7 +48,18 @@ def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0,
         drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
         drop[:, -1] = False
         logits = logits.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    if min_p is not None and min_p > 0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), -math.inf)
     return logits
+
+
+def penalize_repetitions(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """HF's (and vLLM's) repetition penalty: the (N, V) logits of tokens already in a row
+    (`seen`, (N, V) bool: its prompt and what it has generated) are divided by `penalty` where
+    positive and multiplied by it where negative, so they become less likely either way."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def _next_token_logits(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
@@ -62,7 +74,8 @@ def _next_token_logits(model, input_ids: Tensor, attention_mask: Tensor, positio
 def sample_completions(model, prompt_ids: Tensor, prompt_mask: Tensor, *, num_generations: int = 1,
                        max_completion_length: int, eos_ids: Sequence[int], pad_id: int,
                        greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                       top_k: int = 0) -> Tensor:
+                       top_k: int = 0, min_p: Optional[float] = None,
+                       repetition_penalty: float = 1.0) -> Tensor:
     """(B*G, C) completion ids for left-padded (B, P) prompts, G = `num_generations` adjacent
     rows per prompt, C <= max_completion_length the longest completion.
 
@@ -89,7 +102,14 @@ def sample_completions(model, prompt_ids: Tensor, prompt_mask: Tensor, *, num_ge
     rows = torch.arange(N, device=logits.device)                # (A,) output row of each batch row
     alive = torch.ones(N, dtype=torch.bool, device=logits.device)                         # (A,)
     tokens = torch.full((N, max_completion_length), pad_id, dtype=torch.long, device=logits.device)
+    seen = None
+    if repetition_penalty != 1.0:
+        # Every token of a row's input so far, left padding included (what generate's processor sees).
+        seen = torch.zeros((N, V), dtype=torch.bool, device=logits.device)
+        seen.scatter_(1, prompt_ids.repeat_interleave(num_generations, dim=0), True)           # (N, V)
     for step in range(max_completion_length):
+        if seen is not None:
+            logits = penalize_repetitions(logits, seen[rows], repetition_penalty)           # (A, V)
         if greedy:
             next_ids = logits.argmax(dim=-1)                                              # (A,)
         else:
@@ -98,10 +118,13 @@ def sample_completions(model, prompt_ids: Tensor, prompt_mask: Tensor, *, num_ge
                 full = logits.new_full((N, V), -math.inf)
                 full[:, pad_id] = 0.0
                 logits = full.index_copy_(0, rows, logits)                                # (N, V)
-            probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
+            probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  min_p=min_p).softmax(dim=-1)
             next_ids = torch.multinomial(probs, num_samples=1).squeeze(1)[rows]          # (A,)
         next_ids = torch.where(alive, next_ids, pad_id)
         tokens[rows, step] = next_ids
+        if seen is not None:
+            seen[rows, next_ids] = True
         alive &= ~torch.isin(next_ids, eos)
         # One host sync per token, as generate's stopping check: on CPU it is free, and on a GPU
         # the forwards it saves outweigh it.
@@ -123,6 +146,7 @@ def sample_completions(model, prompt_ids: Tensor, prompt_mask: Tensor, *, num_ge
 def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_generations: int = 1,
                          max_prompt_length: int, max_completion_length: int,
                          temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                         min_p: Optional[float] = None, repetition_penalty: float = 1.0,
                          greedy: bool = False, eos_ids: Optional[Sequence[int]] = None) -> Rollout:
     """Sample `num_generations` completions for each prompt (greedy: one deterministic decode per
     row; pass num_generations=1). Returns a Rollout with the G completions of a prompt adjacent,
@@ -138,7 +162,8 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
         completion_ids = sample_completions(
             model, prompt_ids, prompt_mask, num_generations=num_generations,
             max_completion_length=max_completion_length, eos_ids=eos_ids, pad_id=pad, greedy=greedy,
-            temperature=temperature, top_p=top_p, top_k=top_k)                              # (B*G, C)
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty)                                          # (B*G, C)
     finally:
         model.train(was_training)
     prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)                         # (B*G, P)
@@ -155,13 +180,35 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
                    temperature=1.0 if greedy else temperature)
 
 
+# The sampling settings `online.generation_kwargs` may override, by these names.
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_settings(online) -> dict:
+    """temperature, top_p, top_k, min_p and repetition_penalty from the online config, with
+    `generation_kwargs` applied over them (TRL's escape hatch for sampling arguments; here only
+    these names mean something, so another one is an error rather than silently ignored)."""
+    extra = dict(online.generation_kwargs or {})
+    unknown = sorted(set(extra) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"online.generation_kwargs: {', '.join(unknown)} not supported by the hf backend "
+                         f"(it takes {', '.join(SAMPLING_KEYS)})")
+    return {**{k: getattr(online, k) for k in SAMPLING_KEYS}, **extra}
+
+
 @register_backend("hf")
 class HFBackend(RolloutBackend):
-    """Samples from the policy being trained, with the config's sampling settings."""
+    """Samples from the policy being trained, with the config's sampling settings. A repetition
+    penalty or min_p changes what is sampled but not what the log-prob pass scores (the
+    temperature-scaled model distribution), as in TRL."""
+
+    def __init__(self, cfg, model, tokenizer, eos_ids):
+        super().__init__(cfg, model, tokenizer, eos_ids)
+        self.sampling = sampling_settings(cfg.online)
 
     def generate(self, prompts: Sequence[str], *, greedy: bool = False) -> Rollout:
         o = self.cfg.online
         return generate_completions(
             self.model, self.tokenizer, prompts, num_generations=1 if greedy else o.num_generations,
             max_prompt_length=o.max_prompt_length, max_completion_length=o.max_completion_length,
-            temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, greedy=greedy, eos_ids=self.eos_ids)
+            greedy=greedy, eos_ids=self.eos_ids, **self.sampling)

@@ -103,18 +103,22 @@ def evaluate(cfg: Config, adapter: Optional[str] = None, data_path: Optional[str
 
 @torch.no_grad()
 def greedy_eval(backend: RolloutBackend, reward_fns: list[RewardFunction], records: list[dict]) -> dict[str, float]:
-    """Greedy completions of `records` (one per prompt, from `backend`), scored by the reward
-    functions.
+    """Completions of `records` from `backend`, scored by the reward functions: one greedy
+    completion per prompt, or with `online.num_generations_eval: n`, n sampled with the training
+    settings (every metric then averages over all n x prompts completions).
 
     Returns `accuracy` (mean of the first reward function, None ignored: the accuracy for 0/1
     rewards such as math_answer or exact_match), `reward` (mean weighted total),
     `rewards/<name>/mean` per function, `completions/mean_length` and `completions/clipped_ratio`."""
+    n = backend.cfg.online.num_generations_eval
     # One batch: a decode step costs about the same for 200 rows as for 64 on a small model, and
     # its KV cache is that of eval_max_samples rows (lower it if that does not fit).
-    roll = backend.generate([r["prompt"] for r in records], greedy=True)
-    columns = reward_columns(records, roll.completion_token_lists(), roll.terminated.tolist(), 1)
-    prompts, completions = reward_inputs(records, roll.texts, 1)
-    per_fn, total = compute_rewards(reward_fns, prompts, completions, columns)           # (N, F), (N,)
+    prompts = [r["prompt"] for r in records]
+    roll = backend.generate(prompts, num_generations=n) if n else backend.generate(prompts, greedy=True)
+    G = n or 1
+    columns = reward_columns(records, roll.completion_token_lists(), roll.terminated.tolist(), G)
+    prompts, completions = reward_inputs(records, roll.texts, G)
+    per_fn, total = compute_rewards(reward_fns, prompts, completions, columns)           # (N*G, F), (N*G,)
     metrics = reward_metrics(per_fn, total, reward_fns)
     out = {"accuracy": metrics[f"rewards/{reward_fns[0].name}/mean"], "reward": metrics["reward"]}
     out.update({f"rewards/{r.name}/mean": metrics[f"rewards/{r.name}/mean"] for r in reward_fns})

@@ -1,4 +1,4 @@
-r"""Pure loss functions for offline (listwise) and online (clipped-surrogate) GRPO.
+r"""Pure loss functions for offline (listwise) and online (TRL's loss types) GRPO.
 
 Everything here takes tensors and returns tensors (plus a dict of Python floats for logging);
 nothing knows about models, tokenizers or the trainer, so each formula is testable on its own.
@@ -27,14 +27,14 @@ group-relative advantages::
 
     A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)      (std unbiased, as in TRL)
 
-``grpo_loss`` is the clipped surrogate with an optional k3 KL penalty, per token ``t`` of
-completion ``i``::
-
-    rho  = exp(logp - logp_old)
-    k3   = exp(logp_ref - logp) - (logp_ref - logp) - 1              (>= 0, 0 iff equal)
-    l_it = -min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) + beta * k3
-
-and a named reduction (``LOSS_TYPES``) turns the masked ``l_it`` into a scalar. Usage::
+``grpo_loss`` applies one of TRL 1.16's loss types (``LOSS_TYPES``): a registered `LossType`
+pairs a per-token objective of the importance ratio ``w = exp(logp - logp_old)`` (per token, or
+per completion for GSPO; by default the clipped surrogate
+``-min(w A_i, clip(w, 1 - eps_low, 1 + eps_high) A_i)``) with a reduction of the masked
+per-token losses, plus an optional k3 KL penalty ``exp(ref - logp) - (ref - logp) - 1``.
+tests/test_losses_trl.py checks each against TRL's own ``GRPOTrainer._compute_loss``.
+``high_entropy_mask`` and ``truncated_completion_mask`` build the token masks of TRL's
+``top_entropy_quantile`` and ``mask_truncated_completions``. Usage::
 
     adv = group_advantages(rewards, num_generations=8)
     loss, metrics = grpo_loss(logps, old_logps, ref_logps, adv, mask, loss_type="dapo",
@@ -43,6 +43,7 @@ and a named reduction (``LOSS_TYPES``) turns the masked ``l_it`` into a scalar. 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,16 +51,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "LOSS_TYPES",
-    "LossType",
-    "MAX_SCALED_SCORE",
-    "group_advantages",
-    "grpo_loss",
-    "listwise_kl_loss",
-    "get_loss_type",
-    "listwise_metrics",
-    "register_loss_type",
-    "zero_std_fraction",
+    "LOSS_TYPES", "LossType", "MAX_SCALED_SCORE", "Objective",
+    "cispo_objective", "clipped_surrogate_objective", "get_loss_type", "group_advantages", "grpo_loss",
+    "high_entropy_mask", "listwise_kl_loss", "listwise_metrics", "register_loss_type", "sapo_objective",
+    "truncated_completion_mask", "vespo_objective", "zero_std_fraction",
 ]
 
 # Added to the std before dividing, as in TRL, so advantages match TRL's to the last bit.
@@ -289,9 +284,8 @@ def zero_std_fraction(rewards: Tensor, num_generations: int) -> float:
     grouped = _grouped(rewards, num_generations)
     return _zero_std_groups(grouped).float().mean().item()
 
-
 # --------------------------------------------------------------------------------------------
-# Online GRPO: clipped surrogate loss with named reductions
+# Online GRPO: a loss type is a per-token objective plus a reduction
 # --------------------------------------------------------------------------------------------
 
 # A reduction maps (per_token_loss (N, T) already zeroed at padding, mask (N, T) bool,
@@ -299,10 +293,81 @@ def zero_std_fraction(rewards: Tensor, num_generations: int) -> float:
 Reduction = Callable[[Tensor, Tensor, int | None, int | Tensor | None], Tensor]
 
 
+# An objective is called with keywords only: the tensors
+#     logps       (N, T) current log-probs, with gradient (padding as given: masking comes later)
+#     log_ratio   (N, T) logp - logp_old, exactly 0 at padding
+#     ratio       importance weight w: (N, T) exp(log_ratio) for importance_sampling_level="token",
+#                 (N, 1) exp(mean of the row's valid log_ratio) for "sequence" (GSPO)
+#     advantages  (N, 1);  mask  (N, T) bool
+# and every hyperparameter keyword of grpo_loss; it names those it reads and takes **_ for the
+# rest. It returns (per-token loss broadcastable to (N, T), metrics): unreduced tensors, (N, T)
+# ones averaged over valid tokens, (N, 1) ones over the rows with a valid token.
+Objective = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+
+
+def clipped_surrogate_objective(*, ratio, advantages, epsilon_low, epsilon_high, delta, **_):
+    """PPO's clipped surrogate (grpo, bnpo, dr_grpo, dapo, luspo)::
+
+        l = -min(min(w, delta) * A, clip(w, 1 - epsilon_low, 1 + epsilon_high) * A)
+
+    ``delta`` (two-sided clipping, INTELLECT-2; None: off) also caps the unclipped ratio, so a
+    negative-advantage token far off-policy (w > delta) gets a bounded loss and no gradient.
+    Metrics: the tokens (or sequences) whose gradient the clip switched off."""
+    w, a = ratio, advantages
+    clipped = w.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    if delta is not None:
+        w = w.clamp(max=delta)
+    low, high = (w < 1.0 - epsilon_low) & (a < 0), (w > 1.0 + epsilon_high) & (a > 0)
+    metrics = {"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low | high}
+    return -torch.minimum(w * a, clipped * a), metrics
+
+
+def cispo_objective(*, logps, ratio, advantages, epsilon_high, **_):
+    """CISPO (MiniMax-M1): clips the importance weight, not the update, so every token keeps a
+    gradient::
+
+        l = -sg(min(w, epsilon_high)) * A * logp          (sg: no gradient through it)
+
+    ``epsilon_high`` is the cap itself, not 1 + epsilon (ScaleRL recommends 5.0)."""
+    weight = ratio.clamp(max=epsilon_high).detach()
+    return -weight * advantages * logps, {"cispo_clip_ratio": (ratio > epsilon_high) & (advantages > 0)}
+
+
+def sapo_objective(*, ratio, advantages, sapo_temperature_pos, sapo_temperature_neg, **_):
+    """SAPO: a smooth, temperature-controlled gate instead of the hard clip::
+
+        l = -(4 / tau) * sigmoid(tau * (w - 1)) * A,   tau = temperature_pos if A > 0 else _neg
+
+    Its gradient is -A * grad logp on-policy (w = 1) and fades smoothly as w leaves 1."""
+    a = advantages
+    # Built in the advantages' dtype: a Python-float torch.where would round tau to float32.
+    tau = torch.where(a > 0, a.new_tensor(sapo_temperature_pos), a.new_tensor(sapo_temperature_neg))
+    return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a, {}
+
+
+def vespo_objective(*, logps, log_ratio, advantages, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                    vespo_lambda_neg, **_):
+    """VESPO: a Gamma-shaped weight of the sequence's importance ratio scales the policy gradient::
+
+        log w = clamp(sum_t clamp(log_ratio_t, -20, 20), log 1e-8, 20)              (N, 1)
+        phi   = exp(lambda + k log w - lambda w)            (e^lambda w^k e^-lambda w; phi(1) = 1)
+        l     = -sg(phi) * A * logp,   (k, lambda) = (k_pos, lambda_pos) if A >= 0 else (_neg, _neg)
+
+    w is the product of the token ratios (whatever importance_sampling_level); a non-finite phi
+    becomes 0 and lambda is floored at 1e-4, as in TRL."""
+    a = advantages
+    with torch.no_grad():
+        log_w = log_ratio.clamp(-20.0, 20.0).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
+        k = torch.where(a >= 0, a.new_tensor(vespo_k_pos), a.new_tensor(vespo_k_neg))
+        lam = torch.where(a >= 0, a.new_tensor(vespo_lambda_pos), a.new_tensor(vespo_lambda_neg)).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return -phi * a * logps, {"vespo/phi_seq_mean": phi}
+
+
 @dataclass(frozen=True)
 class LossType:
-    """A registered `online.loss_type`: its reduction, and how the losses of a step's
-    micro-batches combine.
+    """A registered `online.loss_type`: its per-token objective, its reduction, and how the
+    losses of a step's micro-batches combine.
 
     ``global_normalizer``: the reduction divides by ``num_items_in_batch``, the completion tokens
     of the whole step (all gradient-accumulation micro-batches and ranks), so micro-batch losses
@@ -314,28 +379,31 @@ class LossType:
     name: str
     reduce: Reduction
     global_normalizer: bool = False
+    objective: Objective = clipped_surrogate_objective
 
 
 _LOSS_TYPES: dict[str, LossType] = {}
 LOSS_TYPES: tuple[str, ...] = ()
 
 
-def register_loss_type(name: str, *, global_normalizer: bool = False) -> Callable[[Reduction], Reduction]:
-    """Register a reduction under ``name``: ``grpo_loss(..., loss_type=name)`` and the config's
-    ``online.loss_type`` accept it, and the trainer reads its `LossType` record.
-
-    The decorated function is called as
+def register_loss_type(
+    name: str, *, global_normalizer: bool = False, objective: Objective = clipped_surrogate_objective
+) -> Callable[[Reduction], Reduction]:
+    """Register a reduction and its per-token objective under ``name``: ``grpo_loss`` and the
+    config's ``online.loss_type`` accept it, and the trainer reads its `LossType` record. The
+    decorated function is called as
     ``fn(per_token_loss, mask, max_completion_length, num_items_in_batch) -> scalar`` where
     ``per_token_loss`` is (N, T) with padding already zeroed and ``mask`` is (N, T) bool.
-    ``global_normalizer``: see `LossType`. ``LOSS_TYPES`` is kept in sync. Re-registering a name
-    is an error, so a plugin cannot silently replace a built-in.
+    ``objective``: see `Objective`. ``global_normalizer``: see `LossType`. Calling the decorator
+    on an existing reduction reuses it under a new objective. ``LOSS_TYPES`` is kept in sync.
+    Re-registering a name is an error, so a plugin cannot silently replace a built-in.
     """
 
     def decorator(fn: Reduction) -> Reduction:
         global LOSS_TYPES
         if name in _LOSS_TYPES:
             raise ValueError(f"loss type {name!r} is already registered")
-        _LOSS_TYPES[name] = LossType(name, fn, global_normalizer)
+        _LOSS_TYPES[name] = LossType(name, fn, global_normalizer, objective)
         LOSS_TYPES = tuple(_LOSS_TYPES)
         return fn
 
@@ -380,63 +448,79 @@ def _reduce_dapo(per_token_loss, mask, max_completion_length, num_items_in_batch
     return per_token_loss.sum() / torch.as_tensor(denominator, device=per_token_loss.device).clamp(min=1)
 
 
+register_loss_type("cispo", global_normalizer=True, objective=cispo_objective)(_reduce_dapo)
+register_loss_type("sapo", objective=sapo_objective)(_reduce_grpo)
+
+
+@register_loss_type("luspo")
+def _reduce_luspo(per_token_loss, mask, max_completion_length, num_items_in_batch):
+    """mean_i sum_t l_it (LUSPO): GSPO's per-sequence loss scaled by the sequence's length, which
+    removes GSPO's bias towards short sequences (meant for importance_sampling_level="sequence")."""
+    return per_token_loss.sum(dim=-1).mean()
+
+
+register_loss_type("vespo", global_normalizer=True, objective=vespo_objective)(_reduce_dapo)
+
+
 def grpo_loss(
-    logps: Tensor,
-    old_logps: Tensor | None,
-    ref_logps: Tensor | None,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    loss_type: str = "grpo",
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    beta: float = 0.0,
-    max_completion_length: int | None = None,
-    num_items_in_batch: int | Tensor | None = None,
+    logps: Tensor, old_logps: Tensor | None, ref_logps: Tensor | None, advantages: Tensor, mask: Tensor, *,
+    loss_type: str = "grpo", epsilon_low: float = 0.2, epsilon_high: float = 0.2, beta: float = 0.0,
+    max_completion_length: int | None = None, num_items_in_batch: int | Tensor | None = None,
+    importance_sampling_level: str = "token", delta: float | None = None,
+    sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+    use_bias_correction_kl: bool = False, entropy_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """GRPO clipped-surrogate loss with an optional k3 KL penalty towards a reference policy.
+    """GRPO loss of a registered loss type with an optional k3 KL penalty, as TRL 1.16 computes it
+    (keywords named and defaulted as TRL's GRPOConfig fields, except use_bias_correction_kl)::
+
+        l_it = objective(w, A_i, logp_it) * entropy_mask_it + beta * k3_it (* w if bias-corrected)
+        k3   = exp(ref - logp) - (ref - logp) - 1
 
     Args:
         logps: (N, T) per-token log-probs of the completions under the current policy (N = B*G).
         old_logps: (N, T) log-probs under the policy that sampled them, or None when each
-            rollout is used for exactly one update (mu = 1): old = logps.detach(), rho = 1 with
+            rollout is used for exactly one update (mu = 1): old = logps.detach(), w = 1 with
             the gradient of logps (the REINFORCE-style gradient A * grad logp).
-        ref_logps: (N, T) log-probs under the reference policy, or None. Needed when beta != 0;
-            when given, the ``kl`` metric is reported even with beta == 0.
+        ref_logps: (N, T) reference log-probs, or None. Needed when beta != 0; when given, the
+            ``kl`` metric is reported even with beta == 0.
         advantages: (N,) one advantage per completion, broadcast over its tokens.
         mask: (N, T) True (or 1) at completion tokens, False at padding.
-        loss_type: a name in ``LOSS_TYPES``:
-            ``grpo``: mean_i [ sum_t l_it / |o_i| ];
-            ``bnpo``: sum_it l_it / sum_i |o_i|;
-            ``dr_grpo``: sum_it l_it / (N * max_completion_length);
-            ``dapo``: sum_it l_it / num_items_in_batch.
-            The first three normalize per micro-batch: the caller divides by the number of
-            gradient-accumulation steps. ``dapo`` is already global; under DDP, whose gradient
-            all-reduce averages over processes, pass num_items_in_batch / world_size (as TRL does).
-        epsilon_low, epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high] for rho
-            (DAPO's clip-higher uses epsilon_high > epsilon_low).
-        beta: weight of the k3 KL penalty.
-        max_completion_length: generation length limit, required by ``dr_grpo``.
-        num_items_in_batch: completion tokens in the global batch, used by ``dapo``.
-
-    Per token::
-
-        rho  = exp(logp - old)
-        l_it = -min(rho * A_i, clip(rho, 1 - epsilon_low, 1 + epsilon_high) * A_i) + beta * k3
-        k3   = exp(ref - logp) - (ref - logp) - 1
+        loss_type: a name in ``LOSS_TYPES``: the objective is the clipped surrogate except for
+            cispo, sapo, vespo (``*_objective``); the reduction is
+            ``grpo``, ``sapo``: mean_i [ sum_t l_it / |o_i| ];  ``bnpo``: sum_it l_it / sum_i |o_i|;
+            ``dr_grpo``: sum_it l_it / (N * max_completion_length);  ``luspo``: mean_i sum_t l_it;
+            ``dapo``, ``cispo``, ``vespo``: sum_it l_it / num_items_in_batch, the global ones
+            (`LossType`; under DDP, whose all-reduce averages, pass num_items_in_batch /
+            world_size, as TRL does). For the others the caller divides by the number of
+            gradient-accumulation steps.
+        epsilon_low, epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high] of w (DAPO's
+            clip-higher: epsilon_high > epsilon_low); cispo caps w at epsilon_high itself.
+        beta: weight of the KL penalty. max_completion_length: needed by ``dr_grpo``.
+        num_items_in_batch: completion tokens of the global batch, for the global types.
+        importance_sampling_level: ``"token"`` (a w per token) or ``"sequence"`` (GSPO: one w per
+            completion, exp of its mean token log-ratio). delta, sapo_*, vespo_*: see the objectives.
+        use_bias_correction_kl: multiply k3 by w (differentiable), which makes its gradient the
+            unbiased reverse-KL one (DeepSeek-V3.2). TRL's default is True, ours False.
+        entropy_mask: (N, T) bool from `high_entropy_mask`, or None: tokens outside it leave the
+            policy term but keep their KL term and their place in the normalizer, as in TRL.
 
     Returns:
-        (loss, metrics). ``metrics`` holds Python floats, all means over valid tokens:
-        ``kl`` (mean k3; only when ref_logps is given), ``clip_ratio/low_mean`` (A < 0 and
-        rho < 1 - epsilon_low), ``clip_ratio/high_mean`` (A > 0 and rho > 1 + epsilon_high) and
-        ``clip_ratio/region_mean`` (either): the tokens whose gradient the clip switched off.
+        (loss, metrics): Python floats averaged over valid tokens (per-sequence quantities over
+        completions with a valid token): ``kl`` (the KL term; when ref_logps is given) and the
+        objective's: ``clip_ratio/low_mean`` (A < 0, w < 1 - epsilon_low), ``/high_mean``
+        (A > 0, w > 1 + epsilon_high), ``/region_mean`` (either); ``cispo_clip_ratio`` (A > 0,
+        w > epsilon_high); ``vespo/phi_seq_mean``; none for sapo.
     """
-    reduce = get_loss_type(loss_type).reduce
+    record = get_loss_type(loss_type)
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={beta} needs ref_logps (pass beta=0.0 to train without a reference)")
-    if logps.dim() != 2 or mask.shape != logps.shape or advantages.shape != logps.shape[:1]:
+    if (logps.dim() != 2 or mask.shape != logps.shape or advantages.shape != logps.shape[:1]
+            or (entropy_mask is not None and entropy_mask.shape != logps.shape)):
         raise ValueError(
-            "expected logps and mask (N, T) and advantages (N,); got "
+            "expected logps, mask and entropy_mask (N, T) and advantages (N,); got "
             f"{tuple(logps.shape)}, {tuple(mask.shape)}, {tuple(advantages.shape)}"
         )
 
@@ -444,40 +528,70 @@ def grpo_loss(
     old_logps = logps.detach() if old_logps is None else old_logps
     # Log-ratios are zeroed at padding before exp(): padding values (even inf/NaN) then reach
     # neither the loss nor, through exp's backward, the gradient.
-    ratio = torch.exp((logps - old_logps).masked_fill(~mask, 0.0))
-    clipped_ratio = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-    adv = advantages.unsqueeze(1)
-    per_token_loss = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    log_ratio = (logps - old_logps).masked_fill(~mask, 0.0)
+    log_w = log_ratio
+    if importance_sampling_level == "sequence":
+        # The mean, not the sum: a long completion's ratio would otherwise explode or vanish.
+        log_w = log_ratio.sum(dim=-1, keepdim=True) / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    ratio = torch.exp(log_w)
+    per_token_loss, metric_terms = record.objective(
+        logps=logps, log_ratio=log_ratio, ratio=ratio, advantages=advantages.unsqueeze(1), mask=mask,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg)
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask
 
-    k3 = None
     if ref_logps is not None:
-        # Only build the k3 graph when it is part of the loss; otherwise it is just a metric.
+        # Only build the KL graph when it is part of the loss; otherwise it is just a metric.
         with torch.set_grad_enabled(beta != 0.0 and torch.is_grad_enabled()):
             log_ratio_ref = (ref_logps - logps).masked_fill(~mask, 0.0)
-            k3 = torch.exp(log_ratio_ref) - log_ratio_ref - 1.0
+            kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1.0
+            if use_bias_correction_kl:
+                kl = kl * ratio
+        metric_terms["kl"] = kl
         if beta != 0.0:
-            per_token_loss = per_token_loss + beta * k3
+            per_token_loss = per_token_loss + beta * kl
 
-    per_token_loss = torch.where(mask, per_token_loss, 0.0)
-    loss = reduce(per_token_loss, mask, max_completion_length, num_items_in_batch)
-    return loss, _grpo_metrics(ratio, adv, k3, mask, epsilon_low, epsilon_high)
+    per_token_loss = torch.where(mask, per_token_loss, 0.0)  # also broadcasts (N, 1) to (N, T)
+    loss = record.reduce(per_token_loss, mask, max_completion_length, num_items_in_batch)
+    return loss, _mean_metrics(metric_terms, mask)
 
 
 @torch.no_grad()
-def _grpo_metrics(
-    ratio: Tensor, adv: Tensor, k3: Tensor | None, mask: Tensor, epsilon_low: float, epsilon_high: float
-) -> dict[str, float]:
-    n_tokens = mask.sum().clamp(min=1)
-
-    def token_mean(x: Tensor) -> Tensor:
-        return torch.where(mask, x.float(), 0.0).sum() / n_tokens
-
-    low = (ratio < 1.0 - epsilon_low) & (adv < 0)
-    high = (ratio > 1.0 + epsilon_high) & (adv > 0)
-    names = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
-    values = [token_mean(low), token_mean(high), token_mean(low | high)]
-    if k3 is not None:
-        names.append("kl")
-        values.append(token_mean(k3))
+def _mean_metrics(terms: dict[str, Tensor], mask: Tensor) -> dict[str, float]:
+    """Each term as a Python float: an (N, T) term averaged over valid tokens, an (N, 1) one
+    (per sequence) over rows with a valid token; 0 when there are none."""
+    keeps = [mask if x.shape == mask.shape else mask.any(dim=-1, keepdim=True) for x in terms.values()]
+    # At least float32 (bools, bf16), float64 kept: a float64 phi can exceed float32's range.
+    means = [torch.where(k, x.to(torch.promote_types(x.dtype, torch.float32)), 0.0).sum() / k.sum().clamp(min=1)
+             for x, k in zip(terms.values(), keeps)]
     # One stack + tolist: a single device sync instead of one per metric.
-    return dict(zip(names, torch.stack(values).tolist()))
+    return dict(zip(terms, torch.stack([m.double() for m in means]).tolist())) if means else {}
+
+
+def high_entropy_mask(entropies: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """The top-``quantile`` of valid tokens by entropy, as ``grpo_loss``'s ``entropy_mask``
+    (TRL's ``top_entropy_quantile``, "Beyond the 80/20 Rule", which recommends 0.2).
+
+    entropies: (N, T) entropy of the next-token distribution at each position; mask: (N, T);
+    quantile in [0, 1] (1 keeps every valid token). Returns (N, T) bool: valid tokens whose
+    entropy is >= the (1 - quantile)-quantile (linear interpolation) of the valid tokens'
+    entropies; all False without valid tokens. TRL's ``get_high_entropy_mask(entropies, mask,
+    1 - quantile)`` on one process: TRL takes the quantile over one micro-batch (on all ranks).
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    mask = mask.bool()
+    valid = entropies[mask].float()
+    if quantile == 1.0 or valid.numel() == 0:  # the 0-quantile is the minimum: every valid token passes
+        return mask
+    return (entropies.float() >= torch.quantile(valid, 1.0 - quantile)) & mask
+
+
+def truncated_completion_mask(mask: Tensor, terminated: Tensor) -> Tensor:
+    """TRL's ``mask_truncated_completions`` (DAPO's overlong filtering): ``mask`` (N, T) with the
+    rows of completions that did not end with EOS (``terminated`` (N,) bool False: cut at
+    max_completion_length) zeroed, in ``mask``'s dtype. A truncated completion then teaches
+    nothing and counts in no normalizer: compute num_items_in_batch from this mask."""
+    return torch.where(terminated.bool().unsqueeze(1), mask, torch.zeros_like(mask))

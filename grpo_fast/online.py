@@ -45,7 +45,8 @@ from .data import PromptStream, prompt_records, reward_inputs
 from .errors import TrainingStopped
 from .evaluate import greedy_eval
 from .logprobs import completion_logps, reference_logps
-from .losses import get_loss_type, group_advantages, grpo_loss, zero_std_fraction
+from .losses import (get_loss_type, group_advantages, grpo_loss, high_entropy_mask, truncated_completion_mask,
+                     zero_std_fraction)
 from .modeling import default_device, load_base_model, load_model_and_tokenizer
 from .optim import build_optimizer
 from .preflight import check_finite, preflight
@@ -60,6 +61,9 @@ from .rundir import (COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, ONLINE_CHECKPO
 logger = logging.getLogger(__name__)
 
 STATE_FILE = ONLINE_CHECKPOINT_FILES[0]
+LOSS_OPTIONS = ("loss_type", "epsilon_low", "epsilon_high", "beta", "importance_sampling_level", "delta",
+                "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
+                "vespo_k_neg", "vespo_lambda_neg", "use_bias_correction_kl")
 # Share of the logged rows averaged at each end of the run for the first-vs-last reward summary.
 SUMMARY_WINDOW = 0.1
 
@@ -100,6 +104,8 @@ class OnlineTrainer:
             self.ref_model.eval().requires_grad_(False)
         self.backend = make_backend(cfg, self.model, self.tokenizer, eos_token_ids(self.model, self.tokenizer))
         self.loss_type = get_loss_type(self.o.loss_type)
+        # The options of grpo_loss, named as the config (and TRL) name them.
+        self.loss_options = {k: getattr(self.o, k) for k in LOSS_OPTIONS}
 
         self.prompts = prompt_records(cfg, self.tokenizer, cfg.dataset_path, hub=True)
         self.eval_prompts: list[dict] = []
@@ -188,7 +194,7 @@ class OnlineTrainer:
         #    the loss and the gradient, its tokens being counted in num_items already: the passes
         #    below skip it (often a third of the rows or more).
         t_train = time.perf_counter()
-        num_items = int(sum(r.lengths.sum() for r in rolls))
+        num_items = int(sum(self.loss_mask(r).sum() for r in rolls))
         batches = list(zip(rolls, advantages))
         if o.beta == 0 and self.loss_type.global_normalizer:
             batches = [informative_rows(roll, adv) for roll, adv in batches]
@@ -207,10 +213,13 @@ class OnlineTrainer:
         for _ in range(mu):
             for (roll, adv), old_lp, ref_lp in zip(batches, old, ref):
                 logps, entropy = self.completion_logps(self.model, roll)                # (k, C) x2
+                mask = self.loss_mask(roll)                                             # (k, C)
+                # top_entropy_quantile < 1: only the highest-entropy tokens carry the policy loss.
+                entropy_mask = (high_entropy_mask(entropy.detach(), mask, o.top_entropy_quantile)
+                                if o.top_entropy_quantile < 1.0 else None)
                 loss, metrics = grpo_loss(
-                    logps, old_lp, ref_lp, adv, roll.completion_mask, loss_type=o.loss_type,
-                    epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high, beta=o.beta,
-                    max_completion_length=o.max_completion_length, num_items_in_batch=num_items)
+                    logps, old_lp, ref_lp, adv, mask, max_completion_length=o.max_completion_length,
+                    num_items_in_batch=num_items, entropy_mask=entropy_mask, **self.loss_options)
                 # A loss normalized within a micro-batch (grpo, bnpo, dr_grpo) is divided by ga:
                 # the step's gradient is their mean over micro-batches (for grpo and dr_grpo
                 # exactly the full-batch value, micro-batches being equal-sized). A global
@@ -259,6 +268,13 @@ class OnlineTrainer:
                    "per_fn": per_fn.tolist(), "advantages": torch.cat(advantages).tolist(),
                    "extra": reward_logs.extra}
         return out, samples
+
+    def loss_mask(self, roll: Rollout) -> Tensor:
+        """(N, C) the completion tokens the loss counts: all of them, or with
+        mask_truncated_completions none of a completion cut at the length limit."""
+        if self.o.mask_truncated_completions:
+            return truncated_completion_mask(roll.completion_mask, roll.terminated)
+        return roll.completion_mask
 
     @property
     def trainable(self) -> list[Tensor]:

@@ -502,4 +502,4 @@ def test_register_loss_type(monkeypatch):
 
 
 def test_loss_types_lists_the_builtins():
-    assert LOSS_TYPES == ("grpo", "bnpo", "dr_grpo", "dapo")
+    assert LOSS_TYPES == ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")

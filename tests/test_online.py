@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
 from grpo_fast import logprobs, online, rewards
+from grpo_fast.reward_models import load_reward_functions
 from grpo_fast.config import ConfigError, config_from_dict
 from grpo_fast.data import DataError
 from grpo_fast.modeling import BASE_MODEL_DIR, load_base_model, load_model_and_tokenizer
@@ -487,3 +488,21 @@ def test_sampler_drops_finished_rows_and_still_matches_hf_generate(greedy):
                                  eos_ids=eos, pad_id=tok.pad_token_id, greedy=greedy, temperature=1.0)
     assert kept and kept[-1] < len(prompts) * G       # the batch did shrink
     assert torch.equal(got, expected[:, :got.size(1)]) and (expected[:, got.size(1):] == tok.pad_token_id).all()
+
+
+def test_num_generations_eval_samples_n_completions_per_prompt(prompts_file, tmp_path, monkeypatch):
+    from grpo_fast.evaluate import greedy_eval
+    from grpo_fast.rollout.hf import HFBackend
+
+    seen = []
+    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "count",
+                        lambda prompts, completions, **kw: seen.append(list(completions)) or [1.0] * len(completions))
+    records = [{"prompt": "ab=", "raw_prompt": "ab="}, {"prompt": "cd=", "raw_prompt": "cd="}]
+    for n, expected in ((None, 2), (3, 6)):
+        cfg = make_cfg(prompts_file, tmp_path, online={"num_generations_eval": n, "rewards": [{"name": "count"}]})
+        model, tok = load_model_and_tokenizer(cfg)
+        backend = HFBackend(cfg, model, tok, [tok.eos_token_id])
+        torch.manual_seed(0)
+        metrics = greedy_eval(backend, load_reward_functions([{"name": "count"}]), records)
+        assert len(seen[-1]) == expected and metrics["accuracy"] == 1.0
+    assert len(set(seen[-1][:3])) > 1 or len(set(seen[-1][3:])) > 1, "n sampled, not n copies of the greedy one"

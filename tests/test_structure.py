@@ -142,9 +142,9 @@ def test_a_registered_rollout_backend_is_selected_by_config_and_synced_after_upd
 
     @rollout.register_backend("recording")
     class Recording(HFBackend):
-        def generate(self, prompts, *, greedy=False):
+        def generate(self, prompts, *, greedy=False, num_generations=None):
             events.append(("generate", len(prompts)))
-            return super().generate(prompts, greedy=greedy)
+            return super().generate(prompts, greedy=greedy, num_generations=num_generations)
 
         def after_update(self, model):
             events.append(("sync", model is trainer.model))

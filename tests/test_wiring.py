@@ -130,7 +130,8 @@ def fixed_rollout(tokenizer, prompts: list[str], G: int, C: int, gen: torch.Gene
 # ------------------------------------------------------------------------------------------
 
 G, B, C = 4, 2, 6
-ONLINE = dict(temperature=0.7, beta=0.2, epsilon_low=0.1, epsilon_high=0.4, num_iterations=2)
+ONLINE = dict(temperature=0.7, beta=0.2, epsilon_low=0.1, epsilon_high=0.4, num_iterations=2,
+              use_bias_correction_kl=False)
 # One total reward per completion, prompt after prompt (G each): groups of different spreads,
 # so that "group", "batch" and "none" scaling weigh them differently, and one all-equal group
 # (zero advantage).
@@ -196,7 +197,8 @@ def test_online_step_matches_independent_update(tmp_path, monkeypatch, loss_type
             logps = plain_completion_logps(policy, roll, T)
             loss, _ = grpo_loss(logps, old_lp, ref_lp, adv, roll.completion_mask, loss_type=loss_type,
                                 epsilon_low=o["epsilon_low"], epsilon_high=o["epsilon_high"], beta=o["beta"],
-                                max_completion_length=C, num_items_in_batch=num_items)
+                                max_completion_length=C, num_items_in_batch=num_items,
+                                use_bias_correction_kl=o["use_bias_correction_kl"])
             # grpo, bnpo, dr_grpo normalize per micro-batch (the step averages them); dapo by the
             # step's token count already.
             (loss if loss_type == "dapo" else loss / ga).backward()
@@ -484,3 +486,44 @@ def test_offline_run_raises_heldout_pairwise_accuracy(tmp_path):
     assert base["groups"] == trained["groups"] == 150
     # The accuracy over ~2,000 pairs has a standard error of ~0.01.
     assert trained["pairwise_accuracy"] > base["pairwise_accuracy"] + 0.05, (base, trained)
+
+
+def test_every_loss_option_reaches_grpo_loss(tmp_path, monkeypatch):
+    """Each TRL-named loss option of the config arrives at grpo_loss as set (their formulas are
+    held to TRL's in tests/test_losses_trl.py), and mask_truncated_completions and
+    top_entropy_quantile shape the masks it gets."""
+    from grpo_fast import online
+
+    options = {"loss_type": "sapo", "importance_sampling_level": "sequence", "delta": 1.7,
+               "sapo_temperature_pos": 0.9, "sapo_temperature_neg": 1.2, "vespo_k_pos": 1.5,
+               "vespo_lambda_pos": 2.5, "vespo_k_neg": 2.5, "vespo_lambda_neg": 1.5,
+               "use_bias_correction_kl": True, "beta": 0.1, "epsilon_low": 0.15, "epsilon_high": 0.3,
+               "mask_truncated_completions": True, "top_entropy_quantile": 0.5}
+    cfg = config_from_dict({
+        "mode": "online", "model_path": TINY_MODEL, "attn_implementation": "sdpa", "seed": 0,
+        "dataset_path": write_jsonl(tmp_path / "p.jsonl", [{"prompt": "c="}, {"prompt": "d="}]),
+        "output_dir": str(tmp_path / "run"), "batch_size": 2, "lora": {"r": 4, "alpha": 8},
+        "online": {"num_generations": 4, "max_prompt_length": 8, "max_completion_length": 3,
+                   "rewards": [{"name": "rank"}], **options}})
+    monkeypatch.setitem(rewards.BUILTIN_REWARDS, "rank",
+                        lambda prompts, completions, **kw: [float(i % 4) for i in range(len(completions))])
+    calls = []
+    real = online.grpo_loss
+
+    def spy(logps, old, ref, adv, mask, **kwargs):
+        calls.append((mask.clone(), kwargs))
+        return real(logps, old, ref, adv, mask, **kwargs)
+
+    monkeypatch.setattr(online, "grpo_loss", spy)
+    trainer = OnlineTrainer(cfg)
+    roll = trainer.generate(["c=", "d="])
+    roll.terminated[:3], roll.terminated[3:] = False, True   # three completions cut at the length limit
+    monkeypatch.setattr(trainer, "generate", lambda prompts: roll)
+    trainer.step([{"prompt": "c="}, {"prompt": "d="}])
+    mask, kwargs = calls[0]
+    for key, value in options.items():
+        if key not in ("mask_truncated_completions", "top_entropy_quantile"):
+            assert kwargs[key] == value, key
+    assert not mask[:3].any() and torch.equal(mask[3:], roll.completion_mask[3:]), "truncated rows masked"
+    kept = kwargs["entropy_mask"]
+    assert kept is not None and 0 < int(kept.sum()) < int(mask.sum()), "only the high-entropy tokens"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -134,10 +134,12 @@ class RolloutBackend(ABC):
         self.cfg, self.model, self.tokenizer, self.eos_ids = cfg, model, tokenizer, list(eos_ids)
 
     @abstractmethod
-    def generate(self, prompts: Sequence[str], *, greedy: bool = False) -> Rollout:
-        """G = cfg.online.num_generations sampled completions per prompt, a prompt's G adjacent
-        (what grpo_fast.losses.group_advantages expects), at cfg.online.temperature; with
-        `greedy`, one deterministic completion per prompt (evaluation)."""
+    def generate(self, prompts: Sequence[str], *, greedy: bool = False,
+                 num_generations: Optional[int] = None) -> Rollout:
+        """G sampled completions per prompt, a prompt's G adjacent (what
+        grpo_fast.losses.group_advantages expects), with the config's sampling settings; G is
+        `num_generations`, default cfg.online.num_generations. With `greedy`, one deterministic
+        completion per prompt (evaluation)."""
 
     def after_update(self, model) -> None:
         """Called after every optimizer update. A backend that samples from its own copy of the

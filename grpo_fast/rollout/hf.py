@@ -206,9 +206,11 @@ class HFBackend(RolloutBackend):
         super().__init__(cfg, model, tokenizer, eos_ids)
         self.sampling = sampling_settings(cfg.online)
 
-    def generate(self, prompts: Sequence[str], *, greedy: bool = False) -> Rollout:
+    def generate(self, prompts: Sequence[str], *, greedy: bool = False,
+                 num_generations: Optional[int] = None) -> Rollout:
         o = self.cfg.online
+        G = 1 if greedy else num_generations or o.num_generations
         return generate_completions(
-            self.model, self.tokenizer, prompts, num_generations=1 if greedy else o.num_generations,
+            self.model, self.tokenizer, prompts, num_generations=G,
             max_prompt_length=o.max_prompt_length, max_completion_length=o.max_completion_length,
             greedy=greedy, eos_ids=self.eos_ids, **self.sampling)

@@ -196,7 +196,8 @@ class OnlineTrainer:
         t_train = time.perf_counter()
         num_items = int(sum(self.loss_mask(r).sum() for r in rolls))
         batches = list(zip(rolls, advantages))
-        if o.beta == 0 and self.loss_type.global_normalizer:
+        # (Not under top_entropy_quantile < 1: its quantile is over the whole micro-batch's tokens.)
+        if o.beta == 0 and self.loss_type.global_normalizer and o.top_entropy_quantile == 1.0:
             batches = [informative_rows(roll, adv) for roll, adv in batches]
 
         # 5. Frozen log-probs. With mu = 1 the sampling policy *is* the current one, so grpo_loss

@@ -416,15 +416,7 @@ def test_online_resume_equals_straight_run(tmp_path, monkeypatch, lora):
                        "beta": 0.1, "num_iterations": 2, "log_completions_steps": 0,
                        "rewards": [{"name": "grpo_fast.tasks:char_match"}]}})
 
-    train(cfg(tmp_path / "straight"))
-    calls = Interrupter(monkeypatch, OnlineTrainer, "step", 2)
-    with pytest.raises(Interrupted):
-        train(cfg(tmp_path / "resumed"))
-    calls.disarm()
-    train(cfg(tmp_path / "resumed"), resume=True)
-    assert calls.calls == 2, "the resumed run must continue at step 3, not start over"
-    optimizer_has_moments(tmp_path / "straight" / "checkpoint-4")
-    assert_same_checkpoint(tmp_path / "straight" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    assert_resume_equals_straight(cfg, tmp_path, monkeypatch, OnlineTrainer, "step")
 
 
 def test_offline_resume_equals_straight_run(tmp_path, monkeypatch):
@@ -438,8 +430,15 @@ def test_offline_resume_equals_straight_run(tmp_path, monkeypatch):
             "lr_scheduler_type": "cosine", "warmup_ratio": 0.25, "lora": {"r": 4, "alpha": 8},
             "offline": {"beta": 0.1}})
 
+    assert_resume_equals_straight(cfg, tmp_path, monkeypatch, OfflineGRPOTrainer, "compute_loss")
+
+
+def assert_resume_equals_straight(cfg, tmp_path, monkeypatch, trainer_cls, method) -> None:
+    """A 4-step run straight, and one interrupted in step 3 (at `trainer_cls.method`'s third
+    call) then resumed: the resumed run makes the 2 steps left, and its checkpoint-4 (weights,
+    optimizer and scheduler states) is the straight run's."""
     train(cfg(tmp_path / "straight"))
-    calls = Interrupter(monkeypatch, OfflineGRPOTrainer, "compute_loss", 2)
+    calls = Interrupter(monkeypatch, trainer_cls, method, 2)
     with pytest.raises(Interrupted):
         train(cfg(tmp_path / "resumed"))
     calls.disarm()

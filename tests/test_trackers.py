@@ -76,13 +76,14 @@ def test_offline_mode_hands_report_to_hfs_integrations(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    import wandb
+
+    wandb.teardown()  # wandb caches its settings per process: read WANDB_DIR afresh
     data = tmp_path / "train.jsonl"
     data.write_text("".join(open("data/arithmetic_train.jsonl").readlines()[:8]))
     train(config_from_dict({"mode": "offline", "dataset_path": str(data), "output_dir": str(tmp_path / "run"),
                             "max_seq_length": 24, "batch_size": 4, "max_steps": 2, "logging_steps": 1,
                             "save_steps": 100, "report_to": "wandb", "lora": {"r": 4, "alpha": 8}}))
-    import wandb
-
     wandb.finish()  # HF leaves its run open until the process exits, when wandb flushes it
     (record_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     assert record_file.read_bytes().count(b"pairwise_accuracy") >= 2

@@ -21,7 +21,6 @@ from .config import ConfigError, load_config
 from .data import DataError
 from .errors import TrainingStopped
 
-logger = logging.getLogger("grpo_fast")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -56,15 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(cfg, resume: bool = False) -> dict:
-    """Train in cfg.mode; returns the run's summary metrics. The trainers load lazily: `plot` and
-    the error paths need neither torch's models nor transformers."""
+    """Train in cfg.mode; returns the run's summary metrics. The config is checked first
+    (grpo_fast.preflight), and only then is the trainer imported (HF's Trainer takes seconds to
+    import): a bad config fails fast, and `plot` never loads it."""
+    from .preflight import preflight
+    from .rundir import OFFLINE_CHECKPOINT_FILES, ONLINE_CHECKPOINT_FILES
+
+    files = OFFLINE_CHECKPOINT_FILES if cfg.mode == "offline" else ONLINE_CHECKPOINT_FILES
+    checked = preflight(cfg, resume, files)
     if cfg.mode == "offline":
         from .offline import train_offline
 
-        return train_offline(cfg, resume)
+        return train_offline(cfg, resume, checked)
     from .online import train_online
 
-    return train_online(cfg, resume)
+    return train_online(cfg, resume, checked)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -96,8 +101,6 @@ def run(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(cfg.cpu_threads)
     if args.command == "train":
-        logger.info("resolved config (%s mode; keys the other mode reads left out):\n%s",
-                    cfg.mode, cfg.to_yaml(for_mode=True))
         train(cfg, resume=args.resume)
     elif args.command == "eval":
         from .evaluate import evaluate

@@ -181,9 +181,10 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
         return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
 
-def train_offline(cfg: Config, resume: bool = False) -> dict:
+def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = None) -> dict:
+    """Train offline; `checked` is what grpo_fast.preflight.preflight returned, if the caller ran it."""
     # Every path and the output directory are checked before any model loads.
-    resume_ckpt, _ = preflight(cfg, resume, OFFLINE_CHECKPOINT_FILES)
+    resume_ckpt, _ = checked or preflight(cfg, resume, OFFLINE_CHECKPOINT_FILES)
     model, tokenizer = load_model_and_tokenizer(cfg, output_dir=cfg.output_dir)
     train_ds = load_offline_dataset(cfg.dataset_path, tokenizer, cfg.max_seq_length, cfg.skip_invalid,
                                     score_temperature=cfg.offline.score_temperature)

@@ -34,6 +34,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -84,12 +85,13 @@ class TrainState:
 class OnlineTrainer:
     """Policy, optional frozen reference, reward functions, optimizer and the step loop."""
 
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, checked: Optional[tuple] = None):
+        """`checked`: what grpo_fast.preflight.preflight returned, if the caller ran it."""
         self.cfg, self.o = cfg, cfg.online
         self.out = Path(cfg.output_dir)
         # Every path, the reward functions and the output directory are checked before any model
         # loads; nothing is written before that.
-        resume_dir, self.reward_fns = preflight(cfg, resume, ONLINE_CHECKPOINT_FILES)
+        resume_dir, self.reward_fns = checked or preflight(cfg, resume, ONLINE_CHECKPOINT_FILES)
         set_seed(cfg.seed)
         self.device = default_device()
         self.model, self.tokenizer = load_model_and_tokenizer(
@@ -419,6 +421,6 @@ def reward_summary(metrics_path: Path) -> dict[str, float]:
             "reward_rows": len(rewards)}
 
 
-def train_online(cfg: Config, resume: bool = False) -> dict:
+def train_online(cfg: Config, resume: bool = False, checked: Optional[tuple] = None) -> dict:
     """Train with online GRPO; returns a summary (steps, runtime, first vs last mean reward)."""
-    return OnlineTrainer(cfg, resume).train()
+    return OnlineTrainer(cfg, resume, checked).train()

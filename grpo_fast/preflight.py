@@ -13,6 +13,7 @@ the update reaches the weights or a checkpoint.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import asdict
@@ -28,6 +29,8 @@ from .reward_models import load_reward_functions
 from .rewards import RewardFunction
 from .rundir import prepare_output_dir
 from .trackers import check_tracker
+
+logger = logging.getLogger(__name__)
 
 
 def check_input_file(path: Optional[str], key: str) -> None:
@@ -76,6 +79,9 @@ def preflight(cfg: Config, resume: bool, checkpoint_files: Sequence[str]) -> tup
     resume_ckpt = prepare_output_dir(cfg.output_dir, resume, checkpoint_files)
     reward_fns = load_rewards(cfg) if cfg.mode == "online" else []
     check_inputs(cfg, {})
+    # Logged once the config has passed, so that a bad one ends in its one-line error alone.
+    logger.info("resolved config (%s mode; keys the other mode reads left out):\n%s",
+                cfg.mode, cfg.to_yaml(for_mode=True))
     return resume_ckpt, reward_fns
 
 

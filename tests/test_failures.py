@@ -347,3 +347,20 @@ def test_a_run_that_died_before_saving_anything_does_not_block_the_next(tmp_path
     train(offline_cfg(tmp_path, max_steps=1, seed=2))
     fresh = load_file(str(tmp_path / "run" / "base_model" / "model.safetensors"))
     assert any(not torch.equal(stale[k], fresh[k]) for k in stale), "the seed-2 base replaced seed 1's"
+
+
+def test_the_seeds_example_config_from_a_fresh_process_prints_only_its_error(tmp_path):
+    """As a user runs it: a new process (nothing imported yet), stderr holding the one line and
+    nothing else (no config dump before it), in seconds."""
+    import shutil
+    import subprocess
+
+    (tmp_path / "seed.yaml").write_text("model_path: gpt2\nlora_path: path/to/lora/checkpoint\n"
+                                        "dataset_path: data/grpo_dataset.json\noutput_dir: grpo_outputs/\n")
+    start = time.perf_counter()
+    done = subprocess.run([shutil.which("grpo-fast"), "train", "--config", "seed.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "grpo-fast train: error: dataset_path: data/grpo_dataset.json does not exist"], done.stderr
+    assert elapsed < 15 and not (tmp_path / "grpo_outputs").exists()

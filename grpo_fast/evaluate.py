@@ -25,7 +25,7 @@ from .config import Config, ConfigError
 from .data import GroupCollator, load_offline_dataset, prompt_records, reward_inputs
 from .losses import listwise_metrics
 from .modeling import load_model_and_tokenizer
-from .preflight import check_inputs, load_rewards
+from .preflight import check_input_file, check_sources, load_rewards
 from .rewards import RewardFunction, compute_rewards, reward_columns, reward_metrics
 from .rollout import RolloutBackend, completion_metrics, eos_token_ids, make_backend
 
@@ -77,8 +77,11 @@ def evaluate(cfg: Config, adapter: Optional[str] = None, data_path: Optional[str
     if data_path is None and cfg.eval_dataset_path is None:
         raise ConfigError("eval_dataset_path: not set (or pass --data FILE)")
     # Every path is checked before any model loads.
-    check_inputs(cfg, {"--data": data_path} if data_path else {"eval_dataset_path": cfg.eval_dataset_path},
-                 adapter=adapter)
+    if data_path:
+        check_input_file(data_path, "--data")
+    else:
+        check_input_file(cfg.eval_dataset_path, "eval_dataset_path")
+    check_sources(cfg, adapter=adapter)
     data_path = data_path or cfg.eval_dataset_path
     if cfg.mode == "online":
         results = evaluate_online(cfg, adapter=adapter, data_path=data_path)

@@ -55,13 +55,13 @@ from .rewards import RewardLogs, compute_rewards, reward_columns, reward_metrics
 from .rewards import TrainerState as RewardTrainerState
 from .rollout import Rollout, completion_metrics, eos_token_ids, make_backend
 from .trackers import open_tracker
-from .rundir import (COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, ONLINE_CHECKPOINT_FILES, JsonlWriter,
+from .rundir import (COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, ONLINE_CHECKPOINT_FILES, ONLINE_STATE_FILE,
+                     JsonlWriter,
                      atomic_directory, load_rng_state, load_torch_state, read_jsonl, rotate_checkpoints,
                      save_final, save_rng_state, truncate_jsonl)
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = ONLINE_CHECKPOINT_FILES[0]
 LOSS_OPTIONS = ("loss_type", "epsilon_low", "epsilon_high", "beta", "importance_sampling_level", "delta",
                 "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
                 "vespo_k_neg", "vespo_lambda_neg", "use_bias_correction_kl")
@@ -213,10 +213,10 @@ class OnlineTrainer:
         loss_sum = torch.zeros((), device=self.device)
         entropy_sum = torch.zeros((), device=self.device)
         grad_norms, loss_metrics = [], []
+        masks = [self.loss_mask(roll) for roll, _ in batches]                         # ga x (k, C)
         for _ in range(mu):
-            for (roll, adv), old_lp, ref_lp in zip(batches, old, ref):
+            for (roll, adv), mask, old_lp, ref_lp in zip(batches, masks, old, ref):
                 logps, entropy = self.completion_logps(self.model, roll)                # (k, C) x2
-                mask = self.loss_mask(roll)                                             # (k, C)
                 # top_entropy_quantile < 1: only the highest-entropy tokens carry the policy loss.
                 entropy_mask = (high_entropy_mask(entropy.detach(), mask, o.top_entropy_quantile)
                                 if o.top_entropy_quantile < 1.0 else None)
@@ -337,8 +337,8 @@ class OnlineTrainer:
         return summary
 
     def log_row(self, logs: dict[str, float]) -> None:
-        """One metrics row: metrics.jsonl (as the offline MetricsFileCallback writes it),
-        TensorBoard, and the log."""
+        """One metrics row: metrics.jsonl (as the offline MetricsFileCallback writes it), the
+        report_to tracker, and the log."""
         logs = {**logs, "epoch": round(self.stream.epoch, 4)}
         self.metrics_log.write({"step": self.state.step, "time": round(time.time(), 3), **logs})
         if self.tracker is not None:
@@ -379,7 +379,7 @@ class OnlineTrainer:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
             save_rng_state(tmp)
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
+            (tmp / ONLINE_STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
         rotate_checkpoints(self.out, self.cfg.save_total_limit)
         logger.info("saved %s", final)
         return final
@@ -387,7 +387,7 @@ class OnlineTrainer:
     def load_checkpoint(self, ckpt: Path) -> None:
         """Restore what the weights (already loaded from `ckpt`) do not hold, and drop log rows
         past the checkpoint that a crashed run wrote, so the resumed curve has no duplicates."""
-        self.state = TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
+        self.state = TrainState(**json.loads((ckpt / ONLINE_STATE_FILE).read_text()))
         self.optimizer.load_state_dict(load_torch_state(ckpt / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(load_torch_state(ckpt / "scheduler.pt"))
         if (ckpt / "scaler.pt").is_file():

@@ -18,7 +18,7 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ from .errors import TrainingStopped
 from .modeling import check_adapter_source, check_model_source, default_device
 from .reward_models import load_reward_functions
 from .rewards import RewardFunction
+from .rollout import backend_class
 from .rundir import prepare_output_dir
 from .trackers import check_tracker
 
@@ -46,11 +47,8 @@ def check_input_file(path: Optional[str], key: str) -> None:
         raise ConfigError(f"{key}: {path} is not readable")
 
 
-def check_inputs(cfg: Config, files: Mapping[str, Optional[str]], adapter: Optional[str] = None) -> None:
-    """The files (key -> path; None skips one), the adapter (`adapter`, from --adapter, else
-    lora_path) and the model source of `cfg`."""
-    for key, path in files.items():
-        check_input_file(path, key)
+def check_sources(cfg: Config, adapter: Optional[str] = None) -> None:
+    """The adapter (`adapter`, from --adapter, else lora_path) and the model source of `cfg`."""
     if adapter is not None:
         check_adapter_source(adapter, "--adapter", lora=cfg.lora.enabled)
     elif cfg.lora_path is not None:
@@ -77,8 +75,14 @@ def preflight(cfg: Config, resume: bool, checkpoint_files: Sequence[str]) -> tup
         check_input_file(getattr(cfg, key), key)
     check_tracker(cfg)
     resume_ckpt = prepare_output_dir(cfg.output_dir, resume, checkpoint_files)
-    reward_fns = load_rewards(cfg) if cfg.mode == "online" else []
-    check_inputs(cfg, {})
+    reward_fns = []
+    if cfg.mode == "online":
+        reward_fns = load_rewards(cfg)
+        try:
+            backend_class(cfg.online.generation_backend).check_config(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    check_sources(cfg)
     # Logged once the config has passed, so that a bad one ends in its one-line error alone.
     logger.info("resolved config (%s mode; keys the other mode reads left out):\n%s",
                 cfg.mode, cfg.to_yaml(for_mode=True))
@@ -91,7 +95,9 @@ def check_finite(step: int, **values: Optional[torch.Tensor | float]) -> None:
     named = [(k, v) for k, v in values.items() if v is not None]
     if not named:
         return
-    numbers = torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().cpu().reshape(()) for _, v in named])
+    device = next((v.device for _, v in named if isinstance(v, torch.Tensor)), None)
+    numbers = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
+                           for _, v in named]).cpu()
     if bool(torch.isfinite(numbers).all()):
         return
     bad = ", ".join(f"{k} is {v:g}" for (k, _), v in zip(named, numbers.tolist()) if not math.isfinite(v))

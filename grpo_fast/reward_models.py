@@ -151,18 +151,15 @@ def _load_one(
     spec: Any, search_paths: Sequence[str | os.PathLike[str]], device: torch.device | str | None
 ) -> RewardFunction:
     """One spec resolved; a ValueError here says what is wrong, the caller says which spec."""
+    unknown = set(spec) - _SPEC_KEYS if isinstance(spec, Mapping) else set()
+    if unknown:
+        raise ValueError(f"unknown spec keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
     if isinstance(spec, Mapping) and spec.get("model") is not None:
-        unknown = set(spec) - _SPEC_KEYS
-        if unknown:
-            raise ValueError(f"unknown spec keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
         return _load_model_spec(spec, device)
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or not spec["name"]:
         raise ValueError(
             f"reward spec must be a mapping with a 'name' (a non-empty string) or a 'model', got {spec!r:.80}"
         )
-    unknown = set(spec) - _SPEC_KEYS
-    if unknown:
-        raise ValueError(f"unknown spec keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
     factory = spec.get("factory", False)
     if not isinstance(factory, bool):
         raise ValueError(f"'factory' must be true or false, got {factory!r:.80}")

@@ -50,7 +50,8 @@ RUN_MARKERS = (METRICS_FILE, COMPLETIONS_FILE, CONFIG_FILE, "adapter_config.json
 
 # A checkpoint counts as complete only when every one of these is in it (weights are checked
 # separately: adapter or full model, single file or sharded).
-ONLINE_CHECKPOINT_FILES = ("online_state.json", "optimizer.pt", "scheduler.pt", RNG_TENSORS, RNG_JSON)
+ONLINE_STATE_FILE = "online_state.json"
+ONLINE_CHECKPOINT_FILES = (ONLINE_STATE_FILE, "optimizer.pt", "scheduler.pt", RNG_TENSORS, RNG_JSON)
 OFFLINE_CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 

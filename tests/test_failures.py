@@ -311,12 +311,14 @@ def test_the_seeds_example_config_ends_in_one_line(tmp_path, capsys, monkeypatch
     assert elapsed < 10 and not (tmp_path / "grpo_outputs").exists()
 
 
-@pytest.mark.parametrize("case", ["file", "unwritable", "missing_eval", "reward_import", "one_generation"])
+@pytest.mark.parametrize("case", ["file", "unwritable", "missing_eval", "reward_import", "one_generation",
+                                  "generation_kwargs"])
 def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(prompts_file, tmp_path, capsys, case,
                                                                   monkeypatch):
     data = online_cfg(prompts_file, tmp_path / "out").to_dict()
     expected = {"file": "output_dir", "unwritable": "output_dir", "missing_eval": "eval_dataset_path",
-                "reward_import": "online.rewards", "one_generation": "online.num_generations"}[case]
+                "reward_import": "online.rewards", "one_generation": "online.num_generations",
+                "generation_kwargs": "online.generation_kwargs: num_beams"}[case]
     if case == "file":
         (tmp_path / "out").write_text("not a directory")
     elif case == "unwritable":
@@ -327,8 +329,10 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(prompts_file, t
         (tmp_path / "broken_rewards.py").write_text("def f(:\n")
         monkeypatch.syspath_prepend(str(tmp_path))
         data["online"]["rewards"] = [{"name": "broken_rewards:f"}]
-    else:
+    elif case == "one_generation":
         data["online"]["num_generations"] = 1
+    else:
+        data["online"]["generation_kwargs"] = {"num_beams": 4}
     loaded = []
     monkeypatch.setattr("grpo_fast.modeling.load_base_model", lambda *a, **k: loaded.append(1))
     code, err, _ = run_cli(["train", "--config", _write_yaml(tmp_path, data)], capsys)

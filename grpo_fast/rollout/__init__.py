@@ -17,13 +17,10 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from ..config import Config
 
 
 @dataclass
@@ -130,7 +127,7 @@ class RolloutBackend(ABC):
     settings come from `cfg.online` (num_generations, max_prompt_length, max_completion_length,
     temperature, top_p, top_k)."""
 
-    def __init__(self, cfg: "Config", model, tokenizer, eos_ids: Sequence[int]):
+    def __init__(self, cfg, model, tokenizer, eos_ids: Sequence[int]):
         self.cfg, self.model, self.tokenizer, self.eos_ids = cfg, model, tokenizer, list(eos_ids)
 
     @abstractmethod
@@ -140,6 +137,11 @@ class RolloutBackend(ABC):
         grpo_fast.losses.group_advantages expects), with the config's sampling settings; G is
         `num_generations`, default cfg.online.num_generations. With `greedy`, one deterministic
         completion per prompt (evaluation)."""
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise ValueError (one line, naming the key) for settings this backend cannot honour.
+        Called before any model loads, so a bad setting is a config error, not a failure later."""
 
     def after_update(self, model) -> None:
         """Called after every optimizer update. A backend that samples from its own copy of the
@@ -169,12 +171,16 @@ def backend_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys([*BUILTIN_BACKENDS, *BACKENDS]))
 
 
-def make_backend(cfg: "Config", model, tokenizer, eos_ids: Sequence[int]) -> RolloutBackend:
-    """The backend cfg.online.generation_backend names, built for this policy."""
-    name = cfg.online.generation_backend
+def backend_class(name: str) -> type[RolloutBackend]:
+    """The backend registered as `name` (a built-in is imported on first use)."""
     if name not in BACKENDS and name in BUILTIN_BACKENDS:
         importlib.import_module(BUILTIN_BACKENDS[name])
     if name not in BACKENDS:
         raise ValueError(f"online.generation_backend: unknown backend {name!r}; expected one of "
                          f"{', '.join(backend_names())}")
-    return BACKENDS[name](cfg, model, tokenizer, eos_ids)
+    return BACKENDS[name]
+
+
+def make_backend(cfg, model, tokenizer, eos_ids: Sequence[int]) -> RolloutBackend:
+    """The backend cfg.online.generation_backend names, built for this policy."""
+    return backend_class(cfg.online.generation_backend)(cfg, model, tokenizer, eos_ids)

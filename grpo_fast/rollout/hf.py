@@ -206,6 +206,10 @@ class HFBackend(RolloutBackend):
         super().__init__(cfg, model, tokenizer, eos_ids)
         self.sampling = sampling_settings(cfg.online)
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        sampling_settings(cfg.online)
+
     def generate(self, prompts: Sequence[str], *, greedy: bool = False,
                  num_generations: Optional[int] = None) -> Rollout:
         o = self.cfg.online

@@ -7,7 +7,7 @@ config's `cpu_threads` torch threads for both (`--threads` overrides). TRL gets 
 reward: its `completion_ids` keyword holds each completion up to and including EOS, so
 "terminated" is "the last id is EOS", and the text is compared like grpo-fast's `exact_match`
 (stripped completion == answer). Both are evaluated by the same function
-(`grpo_fast.online.greedy_eval`, greedy exact match on the 200 held-out prompts) every
+(`grpo_fast.evaluate.greedy_eval`, greedy exact match on the 200 held-out prompts) every
 `--eval-every` seconds of training time; the clock stops while evaluating, for both.
 
     python benchmarks/bench_learning.py [--minutes 8] [--trl-minutes M] [--eval-every 15] [--threads N] [--skip-trl]

@@ -59,7 +59,7 @@ class QuantizationConfig:
 
 @dataclass
 class OfflineConfig:
-    """Listwise offline GRPO on scored completions (see grpo_fast.losses.listwise_kl_loss)."""
+    """Listwise offline GRPO on scored completions (see grpo_fast.listwise.listwise_kl_loss)."""
 
     policy_temperature: float = 1.0
     # Lower sharpens the target towards the best completion; higher flattens it.
@@ -125,8 +125,28 @@ class OnlineConfig:
     # {enable_thinking: false} for Qwen3.
     chat_template_kwargs: dict = field(default_factory=dict)
     # Which rollout backend generates the completions (grpo_fast/rollout/): `hf` decodes with the
-    # policy's own forward.
+    # policy's own forward, `vllm` runs a vLLM engine in this process (pip install 'grpo-fast[vllm]').
     generation_backend: str = "hf"
+    # TRL's spelling: true is generation_backend: vllm.
+    use_vllm: bool = False
+    # vLLM engine (generation_backend: vllm). The share of GPU memory vLLM takes for its weights
+    # and KV cache (TRL's default); on CPU the KV cache is sized to the run's rollouts instead.
+    vllm_gpu_memory_utilization: float = 0.3
+    # Longest prompt + completion the engine serves; None = max_prompt_length + max_completion_length.
+    vllm_max_model_length: Optional[int] = None
+    # GPU only: the engine frees its KV cache and offloads its weights while the trainer trains,
+    # and wakes for each rollout (peak memory is then the larger phase, not their sum).
+    vllm_enable_sleep_mode: bool = False
+    vllm_tensor_parallel_size: int = 1
+    # vLLM's numerics differ from the training forward, so its samples are slightly off-policy:
+    # the loss is weighted by the importance ratio exp(trainer logp - vLLM logp) (TRL's defaults).
+    vllm_importance_sampling_correction: bool = True
+    # token_* (one ratio per token) or sequence_* (the product over the completion); *_truncate
+    # clamps the ratio to [clip_min, clip_max], *_mask zeroes the weight of what falls outside.
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate",
+                                           "sequence_mask"] = "sequence_mask"
+    vllm_importance_sampling_clip_max: Optional[float] = 3.0
+    vllm_importance_sampling_clip_min: Optional[float] = None
     # A name registered in grpo_fast.losses (LOSS_TYPES lists them; a plugin can register more).
     loss_type: str = "dapo"
     # TRL's `epsilon` is epsilon_low; TRL's epsilon_high defaults to epsilon, ours to 0.2.
@@ -194,6 +214,8 @@ class OnlineConfig:
 
     def __post_init__(self):
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        if self.use_vllm and self.generation_backend == "hf":
+            self.generation_backend = "vllm"
 
 
 @dataclass
@@ -384,10 +406,30 @@ def validate(cfg: Config) -> Config:
     _check(cfg.num_epochs > 0 or cfg.max_steps > 0, "num_epochs", "must be > 0 (or set max_steps)")
     _check(0.0 <= cfg.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio}")
     _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
+    o = cfg.online
     _check(cfg.online.loss_type in losses.LOSS_TYPES, "online.loss_type",
            f"expected one of {', '.join(map(repr, losses.LOSS_TYPES))}, got {cfg.online.loss_type!r}")
+    _check(not o.use_vllm or o.generation_backend == "vllm", "online.use_vllm",
+           f"true means generation_backend: vllm, but generation_backend is {o.generation_backend!r}")
     _check(cfg.online.generation_backend in backend_names(), "online.generation_backend",
            f"expected one of {', '.join(map(repr, backend_names()))}, got {cfg.online.generation_backend!r}")
+    _check(0.0 < o.vllm_gpu_memory_utilization <= 1.0, "online.vllm_gpu_memory_utilization",
+           f"must be in (0, 1], got {o.vllm_gpu_memory_utilization}")
+    _check(o.vllm_max_model_length is None or o.vllm_max_model_length >= o.max_prompt_length + o.max_completion_length,
+           "online.vllm_max_model_length", f"must be >= max_prompt_length + max_completion_length = "
+           f"{o.max_prompt_length + o.max_completion_length} (or null), got {o.vllm_max_model_length}")
+    _check(o.vllm_tensor_parallel_size >= 1, "online.vllm_tensor_parallel_size",
+           f"must be >= 1, got {o.vllm_tensor_parallel_size}")
+    _check(not (o.loss_type == "vespo" and o.generation_backend == "vllm" and o.vllm_importance_sampling_correction)
+           or o.vllm_importance_sampling_mode.startswith("token"), "online.vllm_importance_sampling_mode",
+           "vespo folds the correction into its sequence weight per token: token_truncate or token_mask (as TRL)")
+    for key in ("vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min"):
+        value = getattr(o, key)
+        _check(value is None or (math.isfinite(value) and value >= 0), f"online.{key}",
+               f"must be a finite number >= 0 or null, got {value}")
+    _check(None in (o.vllm_importance_sampling_clip_min, o.vllm_importance_sampling_clip_max)
+           or o.vllm_importance_sampling_clip_min <= o.vllm_importance_sampling_clip_max,
+           "online.vllm_importance_sampling_clip_min", "must be <= online.vllm_importance_sampling_clip_max")
     _check(0.0 < cfg.online.top_p <= 1.0, "online.top_p", f"must be in (0, 1], got {cfg.online.top_p}")
     _check(cfg.online.top_k >= 0, "online.top_k", f"must be >= 0, got {cfg.online.top_k}")
     _check(not (cfg.quantization.load_in_4bit and cfg.quantization.load_in_8bit),
@@ -396,7 +438,6 @@ def validate(cfg: Config) -> Config:
                 and not cfg.lora.enabled),
            "lora.enabled", "quantized (QLoRA) training needs LoRA: quantized weights cannot be trained")
     _check(cfg.lora_path is None or cfg.lora.enabled, "lora_path", "needs lora.enabled: true")
-    o = cfg.online
     _check(0.0 <= o.top_entropy_quantile <= 1.0, "online.top_entropy_quantile",
            f"must be in [0, 1] (1 = every token), got {o.top_entropy_quantile}")
     _check(o.min_p is None or 0.0 <= o.min_p <= 1.0, "online.min_p", f"must be in [0, 1] or null, got {o.min_p}")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
-from .losses import MAX_SCALED_SCORE
+from .listwise import MAX_SCALED_SCORE
 
 if TYPE_CHECKING:
     from .config import Config

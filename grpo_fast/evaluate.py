@@ -23,7 +23,7 @@ import torch
 from . import logprobs
 from .config import Config, ConfigError
 from .data import GroupCollator, load_offline_dataset, prompt_records, reward_inputs
-from .losses import listwise_metrics
+from .listwise import listwise_metrics
 from .modeling import load_model_and_tokenizer
 from .preflight import check_input_file, check_sources, load_rewards
 from .rewards import RewardFunction, compute_rewards, reward_columns, reward_metrics
@@ -143,8 +143,11 @@ def evaluate_online(cfg: Config, adapter: Optional[str] = None,
     backend = make_backend(cfg, model, tokenizer, eos_token_ids(model, tokenizer))
     records = prompt_records(cfg, tokenizer, data_path)[:cfg.online.eval_max_samples]
     results = {}
-    if cfg.lora.enabled and (adapter or cfg.lora_path):
-        with model.disable_adapter():
-            results["base (adapter off)"] = greedy_eval(backend, reward_fns, records)
-    results[adapter or cfg.lora_path or cfg.model_path] = greedy_eval(backend, reward_fns, records)
+    try:
+        if cfg.lora.enabled and (adapter or cfg.lora_path):
+            with model.disable_adapter():
+                results["base (adapter off)"] = greedy_eval(backend, reward_fns, records)
+        results[adapter or cfg.lora_path or cfg.model_path] = greedy_eval(backend, reward_fns, records)
+    finally:
+        backend.close()
     return results

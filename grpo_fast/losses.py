@@ -1,24 +1,8 @@
-r"""Pure loss functions for offline (listwise) and online (TRL's loss types) GRPO.
+r"""Pure loss functions for online GRPO: group advantages and TRL 1.16's loss types.
 
 Everything here takes tensors and returns tensors (plus a dict of Python floats for logging);
 nothing knows about models, tokenizers or the trainer, so each formula is testable on its own.
-
-Offline GRPO: listwise KL
--------------------------
-A batch holds ``B`` groups of up to ``K`` scored completions of the same prompt. ``s`` is the
-policy's sequence log-probability, ``score`` the external score, ``m`` the validity mask; the
-softmaxes run over the valid completions of each group only::
-
-    p = softmax(s / policy_temperature)          (policy distribution over the group)
-    q = softmax(score / score_temperature)       (target distribution, no gradient)
-    forward:  KL(q || p) = sum_k q_k (log q_k - log p_k)
-    reverse:  KL(p || q) = sum_k p_k (log p_k - log q_k)
-    loss = mean over groups with >= 2 valid completions
-
-``listwise_kl_loss`` returns that loss, ``listwise_metrics`` the matching diagnostics. Terms whose
-weight (q_k forward, p_k reverse) is exactly 0 contribute exactly 0, value and gradient, even where
-the other log-probability is -inf. Scores with ``|score / score_temperature| <= MAX_SCALED_SCORE``
-keep the loss and its gradient finite in float32.
+Offline GRPO's listwise KL lives in grpo_fast.listwise.
 
 Online GRPO (DeepSeekMath, arXiv 2402.03300, section 4.1)
 ---------------------------------------------------------
@@ -34,11 +18,18 @@ per completion for GSPO; by default the clipped surrogate
 per-token losses, plus an optional k3 KL penalty ``exp(ref - logp) - (ref - logp) - 1``.
 tests/test_losses_trl.py checks each against TRL's own ``GRPOTrainer._compute_loss``.
 ``high_entropy_mask`` and ``truncated_completion_mask`` build the token masks of TRL's
-``top_entropy_quantile`` and ``mask_truncated_completions``. Usage::
+``top_entropy_quantile`` and ``mask_truncated_completions``.
+
+A sampler whose numerics differ from the training forward (vLLM) samples slightly off-policy;
+``sampling_importance_weights`` turns its per-token log-probs into TRL's correction weights
+(``vllm_importance_sampling_mode``), ``exp(logp_old - logp_sampler)`` per token or per completion,
+truncated or masked to [clip_min, clip_max], which ``grpo_loss`` multiplies into the policy term
+(VESPO folds them into its sequence weight). Usage::
 
     adv = group_advantages(rewards, num_generations=8)
+    weights, is_metrics = sampling_importance_weights(old_logps, sampler_logps, mask, mode="token_mask")
     loss, metrics = grpo_loss(logps, old_logps, ref_logps, adv, mask, loss_type="dapo",
-                              num_items_in_batch=global_completion_tokens)
+                              num_items_in_batch=global_completion_tokens, sampling_weights=weights)
 """
 
 from __future__ import annotations
@@ -51,171 +42,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "LOSS_TYPES", "LossType", "MAX_SCALED_SCORE", "Objective",
+    "LOSS_TYPES", "LossType", "Objective", "SAMPLING_CORRECTION_MODES",
     "cispo_objective", "clipped_surrogate_objective", "get_loss_type", "group_advantages", "grpo_loss",
-    "high_entropy_mask", "listwise_kl_loss", "listwise_metrics", "register_loss_type", "sapo_objective",
+    "high_entropy_mask", "register_loss_type", "sampling_importance_weights", "sapo_objective",
     "truncated_completion_mask", "vespo_objective", "zero_std_fraction",
 ]
 
 # Added to the std before dividing, as in TRL, so advantages match TRL's to the last bit.
 ADVANTAGE_EPS = 1e-4
 SCALE_MODES = ("group", "batch", "none")
-DIRECTIONS = ("forward", "reverse")
-# The largest |score / score_temperature| the listwise loss takes in float32 (data validation
-# enforces it). A quarter of float32's range: differences of two such values (the log-softmax
-# subtracts the group's maximum) stay within half of it, so a group's KL (at most that, in the
-# reverse direction) and its gradient with respect to the policy's logits stay finite.
-MAX_SCALED_SCORE = torch.finfo(torch.float32).max / 4
-
-
-# --------------------------------------------------------------------------------------------
-# Offline GRPO: listwise KL between the policy's and the scores' distributions over a group
-# --------------------------------------------------------------------------------------------
-
-
-def _masked_log_softmax(x: Tensor, mask: Tensor) -> Tensor:
-    """log_softmax over the valid entries of each row; masked entries come out very negative.
-
-    The fill is the dtype's most negative finite value, not -inf: a fully masked row then stays
-    finite (uniform) instead of turning into NaN, and exp() of a masked entry is exactly 0 so it
-    takes no part in the normalizer. Callers must still zero masked terms with ``torch.where``.
-    """
-    return x.masked_fill(~mask, torch.finfo(x.dtype).min).log_softmax(dim=-1)
-
-
-def _listwise_parts(
-    seq_logps: Tensor,
-    scores: Tensor,
-    group_mask: Tensor,
-    policy_temperature: float,
-    score_temperature: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(log_p, log_q, mask, eligible groups) shared by the loss and its metrics."""
-    if seq_logps.dim() != 2 or seq_logps.shape != scores.shape or seq_logps.shape != group_mask.shape:
-        raise ValueError(
-            "seq_logps, scores and group_mask must all be (B, K); got "
-            f"{tuple(seq_logps.shape)}, {tuple(scores.shape)}, {tuple(group_mask.shape)}"
-        )
-    if policy_temperature <= 0 or score_temperature <= 0:
-        raise ValueError(
-            f"temperatures must be > 0, got policy_temperature={policy_temperature}, "
-            f"score_temperature={score_temperature}"
-        )
-    # Softmax over a handful of entries is cheap; do it in at least fp32 so bf16 inputs stay exact enough.
-    dtype = torch.promote_types(seq_logps.dtype, torch.float32)
-    mask = group_mask.bool()
-    log_p = _masked_log_softmax(seq_logps.to(dtype) / policy_temperature, mask)
-    log_q = _masked_log_softmax(scores.detach().to(dtype) / score_temperature, mask)
-    eligible = mask.sum(dim=-1) >= 2  # a single completion gives a one-point distribution: KL is 0
-    return log_p, log_q, mask, eligible
-
-
-def _kl_terms(log_w: Tensor, log_other: Tensor, mask: Tensor) -> Tensor:
-    """w * (log w - log other) per entry, with w = exp(log_w); exactly 0 where masked or w == 0.
-
-    Both ``torch.where``s matter: a product would give 0 * -inf = NaN where log_w (or log_other)
-    is -inf, in the value, and in the gradient even when the value is selected away."""
-    w = log_w.exp()
-    keep = mask & (w > 0)
-    return torch.where(keep, w * torch.where(keep, log_w - log_other, 0.0), 0.0)
-
-
-def _group_mean(per_group: Tensor, eligible: Tensor) -> Tensor:
-    """Mean over eligible groups; 0 (still attached to the graph) when there are none.
-
-    Divided before the sum: a reverse-KL group can be as large as MAX_SCALED_SCORE * 2, and a sum
-    of several such groups would overflow."""
-    return (torch.where(eligible, per_group, 0.0) / eligible.sum().clamp(min=1)).sum()
-
-
-def listwise_kl_loss(
-    seq_logps: Tensor,
-    scores: Tensor,
-    group_mask: Tensor,
-    *,
-    policy_temperature: float = 1.0,
-    score_temperature: float = 1.0,
-    direction: str = "forward",
-) -> Tensor:
-    """Listwise KL between the scores' and the policy's distributions over each group.
-
-    Args:
-        seq_logps: (B, K) policy log-probability of each completion (sum over its tokens).
-        scores: (B, K) external score of each completion; treated as a constant.
-        group_mask: (B, K) bool, True where the completion exists.
-        policy_temperature: divides ``seq_logps`` before the softmax.
-        score_temperature: divides ``scores`` before the softmax.
-        direction: ``"forward"`` for KL(q || p) (mass-covering, what
-            ``F.kl_div(log_p, log_q, log_target=True)`` computes) or ``"reverse"`` for KL(p || q)
-            (mode-seeking).
-
-    Returns:
-        Scalar loss: with p = softmax(seq_logps / policy_temperature) and
-        q = softmax(scores / score_temperature) over each group's valid completions,
-        ``sum_k q_k (log q_k - log p_k)`` (forward) or ``sum_k p_k (log p_k - log q_k)`` (reverse),
-        averaged over groups with at least 2 valid completions. Masked completions, and terms
-        whose weight (q_k, or p_k for reverse) is exactly 0, contribute exactly zero, value and
-        gradient. With no eligible group the loss is 0 and still backpropagates (zero
-        gradients), so a degenerate micro-batch does not break the step.
-    """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    log_p, log_q, mask, eligible = _listwise_parts(
-        seq_logps, scores, group_mask, policy_temperature, score_temperature
-    )
-    log_w, log_other = (log_q, log_p) if direction == "forward" else (log_p, log_q)
-    return _group_mean(_kl_terms(log_w, log_other, mask).sum(dim=-1), eligible)
-
-
-@torch.no_grad()
-def listwise_metrics(
-    seq_logps: Tensor,
-    scores: Tensor,
-    group_mask: Tensor,
-    *,
-    policy_temperature: float = 1.0,
-    score_temperature: float = 1.0,
-) -> dict[str, float]:
-    """Diagnostics for the listwise loss, as Python floats (one host sync for all of them).
-
-    Computed over the groups the loss uses (at least 2 valid completions); every value is NaN
-    when there is no such group, and ``pairwise_accuracy`` is NaN when no pair has distinct scores.
-
-    Returns:
-        ``entropy``: mean over groups of H(p) = -sum_k p_k log p_k (collapse shows up as 0).
-        ``kl``: mean forward KL(q || p), the forward loss value.
-        ``pairwise_accuracy``: over all within-group pairs (i, j) with score_i != score_j, the
-            fraction with sign(s_i - s_j) == sign(score_i - score_j) (pooled over the batch;
-            a tie in ``seq_logps`` counts as wrong).
-        ``top1_score``: mean over groups of the score of the completion with the highest seq_logp.
-    """
-    log_p, log_q, mask, eligible = _listwise_parts(
-        seq_logps, scores, group_mask, policy_temperature, score_temperature
-    )
-    nan = torch.tensor(float("nan"), dtype=log_p.dtype, device=log_p.device)
-    n_groups = eligible.sum()
-
-    def group_mean(per_group: Tensor) -> Tensor:
-        return torch.where(n_groups > 0, _group_mean(per_group.to(log_p.dtype), eligible), nan)
-
-    p = log_p.exp()
-    entropy = -torch.where(mask, p * log_p, 0.0).sum(dim=-1)
-    kl = _kl_terms(log_q, log_p, mask).sum(dim=-1)
-
-    best = seq_logps.masked_fill(~mask, float("-inf")).argmax(dim=-1, keepdim=True)
-    top1 = scores.gather(-1, best).squeeze(-1)
-
-    # (B, K, K) pair tables: groups are small, so this stays tiny.
-    pair_valid = (mask.unsqueeze(-1) & mask.unsqueeze(-2) & eligible[:, None, None]).triu(diagonal=1)
-    score_sign = (scores.unsqueeze(-1) - scores.unsqueeze(-2)).sign()
-    logp_sign = (seq_logps.unsqueeze(-1) - seq_logps.unsqueeze(-2)).sign()
-    pair_valid &= score_sign != 0
-    n_pairs = pair_valid.sum()
-    agree = (pair_valid & (logp_sign == score_sign)).sum()
-    pairwise = torch.where(n_pairs > 0, agree.to(log_p.dtype) / n_pairs.clamp(min=1), nan)
-
-    values = torch.stack([group_mean(entropy), group_mean(kl), pairwise, group_mean(top1)]).tolist()
-    return dict(zip(("entropy", "kl", "pairwise_accuracy", "top1_score"), values))
+# TRL's vllm_importance_sampling_mode values: the ratio's level, and what happens outside the bounds.
+SAMPLING_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,6 +136,8 @@ Reduction = Callable[[Tensor, Tensor, int | None, int | Tensor | None], Tensor]
 #     ratio       importance weight w: (N, T) exp(log_ratio) for importance_sampling_level="token",
 #                 (N, 1) exp(mean of the row's valid log_ratio) for "sequence" (GSPO)
 #     advantages  (N, 1);  mask  (N, T) bool
+#     sampling_weights  the sampler correction (N, T) or (N, 1), no gradient, or None: grpo_loss
+#                 multiplies the objective's terms by it unless the LossType folds it in itself
 # and every hyperparameter keyword of grpo_loss; it names those it reads and takes **_ for the
 # rest. It returns (per-token loss broadcastable to (N, T), metrics): unreduced tensors, (N, T)
 # ones averaged over valid tokens, (N, 1) ones over the rows with a valid token.
@@ -345,19 +184,30 @@ def sapo_objective(*, ratio, advantages, sapo_temperature_pos, sapo_temperature_
     return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a, {}
 
 
-def vespo_objective(*, logps, log_ratio, advantages, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
-                    vespo_lambda_neg, **_):
+def vespo_objective(*, logps, log_ratio, advantages, mask, sampling_weights, vespo_k_pos, vespo_lambda_pos,
+                    vespo_k_neg, vespo_lambda_neg, **_):
     """VESPO: a Gamma-shaped weight of the sequence's importance ratio scales the policy gradient::
 
-        log w = clamp(sum_t clamp(log_ratio_t, -20, 20), log 1e-8, 20)              (N, 1)
+        log w = clamp(sum_t clamp(log_ratio_t, -20, 20) + sum_t clamp(log s_t, log 1e-8, 20), log 1e-8, 20)
         phi   = exp(lambda + k log w - lambda w)            (e^lambda w^k e^-lambda w; phi(1) = 1)
         l     = -sg(phi) * A * logp,   (k, lambda) = (k_pos, lambda_pos) if A >= 0 else (_neg, _neg)
 
-    w is the product of the token ratios (whatever importance_sampling_level); a non-finite phi
-    becomes 0 and lambda is floored at 1e-4, as in TRL."""
+    log w (N, 1) is the log of the product of the token ratios (whatever importance_sampling_level)
+    and, with ``sampling_weights`` s (N, T), of the sampler correction over the valid tokens: the
+    weight of the sequence against the sampler, pi / pi_old * pi_old / pi_sampler (TRL folds s in
+    only so, and so needs the token_* modes). A non-finite phi becomes 0 and lambda is floored at
+    1e-4, as in TRL."""
     a = advantages
     with torch.no_grad():
-        log_w = log_ratio.clamp(-20.0, 20.0).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
+        log_w = log_ratio.clamp(-20.0, 20.0).sum(-1, keepdim=True)
+        if sampling_weights is not None:
+            if sampling_weights.shape != mask.shape:
+                raise ValueError("loss_type='vespo' takes token-level sampling_weights (N, T) (a token_* "
+                                 f"sampling correction mode, as TRL), got {tuple(sampling_weights.shape)}")
+            # A masked-out token (weight 0) clamps to log 1e-8 instead of -inf; padding adds nothing.
+            log_s = sampling_weights.log().clamp(math.log(1e-8), 20.0)
+            log_w = log_w + torch.where(mask, log_s, 0.0).sum(-1, keepdim=True)
+        log_w = log_w.clamp(math.log(1e-8), 20.0)
         k = torch.where(a >= 0, a.new_tensor(vespo_k_pos), a.new_tensor(vespo_k_neg))
         lam = torch.where(a >= 0, a.new_tensor(vespo_lambda_pos), a.new_tensor(vespo_lambda_neg)).clamp(min=1e-4)
         phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
@@ -374,12 +224,16 @@ class LossType:
     simply add up; and a completion of zero advantage then adds exactly 0 to the loss and the
     gradient (with beta = 0), so the trainer may skip it. Otherwise the reduction normalizes
     within a micro-batch, the trainer divides each micro-batch's loss by the number of
-    micro-batches (the mean over them), and every row must be present."""
+    micro-batches (the mean over them), and every row must be present.
+
+    ``folds_sampling_weights``: the objective builds grpo_loss's ``sampling_weights`` into its own
+    terms (VESPO, into its sequence weight), so grpo_loss does not multiply them in afterwards."""
 
     name: str
     reduce: Reduction
     global_normalizer: bool = False
     objective: Objective = clipped_surrogate_objective
+    folds_sampling_weights: bool = False
 
 
 _LOSS_TYPES: dict[str, LossType] = {}
@@ -387,14 +241,16 @@ LOSS_TYPES: tuple[str, ...] = ()
 
 
 def register_loss_type(
-    name: str, *, global_normalizer: bool = False, objective: Objective = clipped_surrogate_objective
+    name: str, *, global_normalizer: bool = False, objective: Objective = clipped_surrogate_objective,
+    folds_sampling_weights: bool = False,
 ) -> Callable[[Reduction], Reduction]:
     """Register a reduction and its per-token objective under ``name``: ``grpo_loss`` and the
     config's ``online.loss_type`` accept it, and the trainer reads its `LossType` record. The
     decorated function is called as
     ``fn(per_token_loss, mask, max_completion_length, num_items_in_batch) -> scalar`` where
     ``per_token_loss`` is (N, T) with padding already zeroed and ``mask`` is (N, T) bool.
-    ``objective``: see `Objective`. ``global_normalizer``: see `LossType`. Calling the decorator
+    ``objective``: see `Objective`. ``global_normalizer``, ``folds_sampling_weights``: see
+    `LossType`. Calling the decorator
     on an existing reduction reuses it under a new objective. ``LOSS_TYPES`` is kept in sync.
     Re-registering a name is an error, so a plugin cannot silently replace a built-in.
     """
@@ -403,7 +259,7 @@ def register_loss_type(
         global LOSS_TYPES
         if name in _LOSS_TYPES:
             raise ValueError(f"loss type {name!r} is already registered")
-        _LOSS_TYPES[name] = LossType(name, fn, global_normalizer, objective)
+        _LOSS_TYPES[name] = LossType(name, fn, global_normalizer, objective, folds_sampling_weights)
         LOSS_TYPES = tuple(_LOSS_TYPES)
         return fn
 
@@ -459,7 +315,8 @@ def _reduce_luspo(per_token_loss, mask, max_completion_length, num_items_in_batc
     return per_token_loss.sum(dim=-1).mean()
 
 
-register_loss_type("vespo", global_normalizer=True, objective=vespo_objective)(_reduce_dapo)
+register_loss_type("vespo", global_normalizer=True, objective=vespo_objective,
+                   folds_sampling_weights=True)(_reduce_dapo)
 
 
 def grpo_loss(
@@ -470,11 +327,12 @@ def grpo_loss(
     sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
     vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
     use_bias_correction_kl: bool = False, entropy_mask: Tensor | None = None,
+    sampling_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO loss of a registered loss type with an optional k3 KL penalty, as TRL 1.16 computes it
     (keywords named and defaulted as TRL's GRPOConfig fields, except use_bias_correction_kl)::
 
-        l_it = objective(w, A_i, logp_it) * entropy_mask_it + beta * k3_it (* w if bias-corrected)
+        l_it = objective(w, A_i, logp_it) * entropy_mask_it * s_it + beta * k3_it (* w if bias-corrected)
         k3   = exp(ref - logp) - (ref - logp) - 1
 
     Args:
@@ -504,6 +362,10 @@ def grpo_loss(
             unbiased reverse-KL one (DeepSeek-V3.2). TRL's default is True, ours False.
         entropy_mask: (N, T) bool from `high_entropy_mask`, or None: tokens outside it leave the
             policy term but keep their KL term and their place in the normalizer, as in TRL.
+        sampling_weights: s, (N, T) or (N, 1) (no gradient), from `sampling_importance_weights`,
+            or None (s = 1): corrects for a sampler whose numerics differ from this forward (vLLM).
+            It scales the policy term only, not the KL term, as in TRL; a `LossType` with
+            ``folds_sampling_weights`` (vespo: token-level s only) puts it into its objective instead.
 
     Returns:
         (loss, metrics): Python floats averaged over valid tokens (per-sequence quantities over
@@ -518,10 +380,12 @@ def grpo_loss(
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={beta} needs ref_logps (pass beta=0.0 to train without a reference)")
     if (logps.dim() != 2 or mask.shape != logps.shape or advantages.shape != logps.shape[:1]
-            or (entropy_mask is not None and entropy_mask.shape != logps.shape)):
+            or (entropy_mask is not None and entropy_mask.shape != logps.shape)
+            or (sampling_weights is not None and sampling_weights.shape not in (logps.shape, logps.shape[:1] + (1,)))):
         raise ValueError(
-            "expected logps, mask and entropy_mask (N, T) and advantages (N,); got "
-            f"{tuple(logps.shape)}, {tuple(mask.shape)}, {tuple(advantages.shape)}"
+            "expected logps, mask and entropy_mask (N, T), advantages (N,) and sampling_weights (N, T) or "
+            f"(N, 1); got {tuple(logps.shape)}, {tuple(mask.shape)}, {tuple(advantages.shape)}, "
+            f"{None if sampling_weights is None else tuple(sampling_weights.shape)}"
         )
 
     mask = mask.bool()
@@ -534,13 +398,17 @@ def grpo_loss(
         # The mean, not the sum: a long completion's ratio would otherwise explode or vanish.
         log_w = log_ratio.sum(dim=-1, keepdim=True) / mask.sum(dim=-1, keepdim=True).clamp(min=1)
     ratio = torch.exp(log_w)
+    # A correction weight, not part of the objective's graph: no gradient flows into it.
+    sampling_weights = None if sampling_weights is None else sampling_weights.detach()
     per_token_loss, metric_terms = record.objective(
         logps=logps, log_ratio=log_ratio, ratio=ratio, advantages=advantages.unsqueeze(1), mask=mask,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
-        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg)
+        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, sampling_weights=sampling_weights)
     if entropy_mask is not None:
         per_token_loss = per_token_loss * entropy_mask
+    if sampling_weights is not None and not record.folds_sampling_weights:
+        per_token_loss = per_token_loss * sampling_weights
 
     if ref_logps is not None:
         # Only build the KL graph when it is part of the loss; otherwise it is just a metric.
@@ -595,3 +463,79 @@ def truncated_completion_mask(mask: Tensor, terminated: Tensor) -> Tensor:
     max_completion_length) zeroed, in ``mask``'s dtype. A truncated completion then teaches
     nothing and counts in no normalizer: compute num_items_in_batch from this mask."""
     return torch.where(terminated.bool().unsqueeze(1), mask, torch.zeros_like(mask))
+
+
+# --------------------------------------------------------------------------------------------
+# Online GRPO: correcting for a sampler whose numerics differ from the training forward (vLLM)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sampling_importance_weights(
+    trainer_logps: Tensor, sampler_logps: Tensor, mask: Tensor, *, mode: str = "sequence_mask",
+    clip_min: float | None = None, clip_max: float | None = 3.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """grpo_loss's ``sampling_weights``: TRL 1.16's ``vllm_importance_sampling_correction``.
+
+    With ``d_it = trainer_logps_it - sampler_logps_it`` at valid tokens (0 at padding and where
+    the sampler's log-prob is NaN, i.e. unavailable) and ``[lo, hi] = [clip_min, clip_max]``
+    (None: unbounded on that side)::
+
+        token_*:     r_it = exp(d_it)                        (N, T)
+        sequence_*:  r_i  = exp(sum_t d_it)                  (N, 1)   (the product of the token ratios)
+        *_truncate:  s = clamp(r, lo, hi)
+        *_mask:      s = r where lo <= r <= hi, else 0
+
+    Args:
+        trainer_logps: (N, T) log-probs of the sampled tokens under the sampling policy, computed
+            by the training forward (grpo_loss's ``old_logps``); no gradient is taken.
+        sampler_logps: (N, T) the sampler's log-probs of the same tokens, NaN where unavailable.
+        mask: (N, T) True (or 1) at completion tokens.
+        mode: one of ``SAMPLING_CORRECTION_MODES`` (TRL's ``vllm_importance_sampling_mode``).
+        clip_min, clip_max: the bounds (TRL's ``vllm_importance_sampling_clip_min`` / ``_max``).
+
+    Returns:
+        (s, metrics): s, (N, T) or (N, 1) in at least float32, without gradient (1 at padding
+        unless the bounds exclude 1); metrics as Python floats, TRL's names:
+        ``sampling/sampling_logp_difference/mean``, ``/max``: of |d| over valid tokens with a
+        sampler log-prob (0 without any); ``sampling/importance_sampling_ratio/min``, ``/mean``,
+        ``/max``: of s over valid tokens (token modes) or over all rows (sequence modes, as TRL;
+        0 without any); and ``sampling/importance_sampling_ratio/clipped_fraction``: the share of
+        valid tokens (token modes) or of rows with a valid token (sequence modes) whose r lay
+        outside [lo, hi], so was truncated or masked.
+    """
+    if mode not in SAMPLING_CORRECTION_MODES:
+        raise ValueError(f"mode must be one of {SAMPLING_CORRECTION_MODES}, got {mode!r}")
+    if trainer_logps.dim() != 2 or sampler_logps.shape != trainer_logps.shape or mask.shape != trainer_logps.shape:
+        raise ValueError("expected trainer_logps, sampler_logps and mask (N, T); got "
+                         f"{tuple(trainer_logps.shape)}, {tuple(sampler_logps.shape)}, {tuple(mask.shape)}")
+    mask = mask.bool()
+    # At least float32: in bf16 the difference of two nearly equal log-probs is mostly rounding.
+    dtype = torch.promote_types(torch.promote_types(trainer_logps.dtype, sampler_logps.dtype), torch.float32)
+    d = trainer_logps.to(dtype) - sampler_logps.to(dtype)
+    known = mask & ~d.isnan()
+    # torch.where, not a product with the mask: padding may hold inf or NaN.
+    d = torch.where(known, d, 0.0)
+    sequence = mode.startswith("sequence")
+    ratio = torch.exp(d.sum(dim=-1, keepdim=True) if sequence else d)
+    lo = -math.inf if clip_min is None else clip_min
+    hi = math.inf if clip_max is None else clip_max
+    outside = (ratio < lo) | (ratio > hi)
+    weights = ratio.clamp(lo, hi) if mode.endswith("truncate") else ratio.masked_fill(outside, 0.0)
+
+    # What the ratio statistics run over: TRL's (every row in sequence modes, valid tokens else).
+    stats = torch.ones_like(weights, dtype=torch.bool) if sequence else mask
+    counted = mask.any(dim=-1, keepdim=True) if sequence else mask  # rows (tokens) that can be clipped
+    n_stats = stats.sum()
+    values = [
+        d.abs().sum() / known.sum().clamp(min=1),
+        d.abs().amax(),  # d is 0 off the known tokens: 0 when there are none
+        torch.where(n_stats > 0, torch.where(stats, weights, math.inf).amin(), 0.0),
+        torch.where(stats, weights, 0.0).sum() / n_stats.clamp(min=1),
+        torch.where(stats, weights, 0.0).amax(),  # weights are >= 0
+        (outside & counted).sum() / counted.sum().clamp(min=1),
+    ]
+    names = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
+             *(f"sampling/importance_sampling_ratio/{s}" for s in ("min", "mean", "max", "clipped_fraction")))
+    # One stack + tolist: a single device sync for all the metrics.
+    return weights, dict(zip(names, torch.stack([v.double() for v in values]).tolist()))

@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from . import logprobs
 from .config import Config
 from .data import GroupCollator, load_offline_dataset
-from .losses import listwise_kl_loss, listwise_metrics
+from .listwise import listwise_kl_loss, listwise_metrics
 from .modeling import load_model_and_tokenizer
 from .optim import build_optimizer
 from .errors import TrainingStopped
@@ -110,7 +110,7 @@ class GRPOTrainerMixin:
 
 
 class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
-    """`Trainer` with the listwise offline GRPO loss (grpo_fast.losses.listwise_kl_loss)."""
+    """`Trainer` with the listwise offline GRPO loss (grpo_fast.listwise.listwise_kl_loss)."""
 
     def __init__(self, cfg: Config, **kwargs: Any):
         super().__init__(**kwargs)

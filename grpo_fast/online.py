@@ -10,8 +10,9 @@ reads top to bottom:
 
     rollout (no grad) -> rewards (B*G, F) -> group-relative advantages (B*G,)
     -> frozen log-probs: old (mu > 1 only), reference (beta > 0 only)
-    -> mu x [per micro-batch: per-token log-probs -> grpo_loss -> backward] -> clip -> AdamW step
-    -> backend.after_update (a rollout backend with its own weights syncs them)
+    -> mu x [per micro-batch: per-token log-probs (-> sampler correction weights, once, when an
+       engine sampled) -> grpo_loss -> backward] -> clip -> AdamW step
+    -> backend.after_update (a rollout backend with its own weights syncs before its next rollout)
 
 Not the HF `Trainer`: generation, scoring and the update live in one loop here, with nothing to
 override. Metrics (TRL's names) go to `output_dir/metrics.jsonl` every `logging_steps`, to
@@ -46,8 +47,8 @@ from .data import PromptStream, prompt_records, reward_inputs
 from .errors import TrainingStopped
 from .evaluate import greedy_eval
 from .logprobs import completion_logps, reference_logps
-from .losses import (get_loss_type, group_advantages, grpo_loss, high_entropy_mask, truncated_completion_mask,
-                     zero_std_fraction)
+from .losses import (get_loss_type, group_advantages, grpo_loss, high_entropy_mask, sampling_importance_weights,
+                     truncated_completion_mask, zero_std_fraction)
 from .modeling import default_device, load_base_model, load_model_and_tokenizer
 from .optim import build_optimizer
 from .preflight import check_finite, preflight
@@ -72,6 +73,11 @@ SUMMARY_WINDOW = 0.1
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else math.nan
+
+
+def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each key's NaN-ignoring mean over metric dicts with the same keys (none: empty)."""
+    return {k: _nanmean([row[k] for row in rows]) for k in (rows[0] if rows else {})}
 
 
 @dataclass
@@ -108,6 +114,12 @@ class OnlineTrainer:
         self.loss_type = get_loss_type(self.o.loss_type)
         # The options of grpo_loss, named as the config (and TRL) name them.
         self.loss_options = {k: getattr(self.o, k) for k in LOSS_OPTIONS}
+        # A backend that samples with its own numerics (vLLM) returns its log-probs; the loss
+        # then corrects for the mismatch (TRL's vllm_importance_sampling_*).
+        self.correct_sampling = self.o.vllm_importance_sampling_correction
+        self.sampling_options = {"mode": self.o.vllm_importance_sampling_mode,
+                                 "clip_min": self.o.vllm_importance_sampling_clip_min,
+                                 "clip_max": self.o.vllm_importance_sampling_clip_max}
 
         self.prompts = prompt_records(cfg, self.tokenizer, cfg.dataset_path, hub=True)
         self.eval_prompts: list[dict] = []
@@ -212,17 +224,26 @@ class OnlineTrainer:
         #    on the device (one host sync at the end, not one per micro-batch).
         loss_sum = torch.zeros((), device=self.device)
         entropy_sum = torch.zeros((), device=self.device)
-        grad_norms, loss_metrics = [], []
+        grad_norms, loss_metrics, sampling_metrics = [], [], []
         masks = [self.loss_mask(roll) for roll, _ in batches]                         # ga x (k, C)
+        sampling_weights: list[Optional[Tensor]] = [None] * ga
         for _ in range(mu):
-            for (roll, adv), mask, old_lp, ref_lp in zip(batches, masks, old, ref):
+            for k, ((roll, adv), mask, old_lp, ref_lp) in enumerate(zip(batches, masks, old, ref)):
                 logps, entropy = self.completion_logps(self.model, roll)                # (k, C) x2
+                if self.correct_sampling and roll.sampler_logps is not None and sampling_weights[k] is None:
+                    # An engine sampled the rows: weigh each by how much likelier the trainer's
+                    # policy at sampling time (old, or this very forward when mu = 1) finds it.
+                    sampling_weights[k], metrics = sampling_importance_weights(
+                        logps.detach() if old_lp is None else old_lp, roll.sampler_logps, mask,
+                        **self.sampling_options)                                         # (k, C) or (k, 1)
+                    sampling_metrics.append(metrics)
                 # top_entropy_quantile < 1: only the highest-entropy tokens carry the policy loss.
                 entropy_mask = (high_entropy_mask(entropy.detach(), mask, o.top_entropy_quantile)
                                 if o.top_entropy_quantile < 1.0 else None)
                 loss, metrics = grpo_loss(
                     logps, old_lp, ref_lp, adv, mask, max_completion_length=o.max_completion_length,
-                    num_items_in_batch=num_items, entropy_mask=entropy_mask, **self.loss_options)
+                    num_items_in_batch=num_items, entropy_mask=entropy_mask,
+                    sampling_weights=sampling_weights[k], **self.loss_options)
                 # A loss normalized within a micro-batch (grpo, bnpo, dr_grpo) is divided by ga:
                 # the step's gradient is their mean over micro-batches (for grpo and dr_grpo
                 # exactly the full-batch value, micro-batches being equal-sized). A global
@@ -247,7 +268,7 @@ class OnlineTrainer:
             self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.backend.after_update(self.model)
+            self.backend.after_update(self.model)  # an engine syncs before its next rollout
         # Entropy (and the clip ratios) describe the completions trained on.
         trained_items = sum(roll.lengths.sum() for roll, _ in batches)
         loss_value, entropy_value, grad_norm = torch.stack(
@@ -259,13 +280,14 @@ class OnlineTrainer:
         out = {"loss": loss_value,
                **reward_metrics(per_fn, rewards, self.reward_fns),
                **completion_metrics(lengths, terminated),
-               **{k: _nanmean([m[k] for m in loss_metrics]) for k in loss_metrics[0]},
+               **_mean_rows(loss_metrics), **_mean_rows(sampling_metrics),
                "entropy": entropy_value,
                "frac_reward_zero_std": zero_std_fraction(rewards, G),
                "learning_rate": learning_rate,
                "grad_norm": grad_norm,
                "time/rollout": time_rollout,
                "time/train": time_train,
+               **self.backend.metrics(),
                **reward_logs.metric_means()}
         samples = {"prompts": prompts, "texts": texts, "rewards": rewards.tolist(),
                    "per_fn": per_fn.tolist(), "advantages": torch.cat(advantages).tolist(),
@@ -325,6 +347,7 @@ class OnlineTrainer:
             raise
         finally:
             bar.close()
+            self.backend.close()
             if self.tracker is not None:
                 self.tracker.close()
         save_final(cfg, self.model, self.tokenizer, cfg.output_dir)

@@ -129,13 +129,21 @@ TRL_FIELDS: dict[str, tuple[Optional[str], str]] = {
             "entropy_coef_min entropy_coef_max entropy_coef_delta entropy_target"),
     **_none("not used: the hf backend drops finished rows from its decoding batch itself",
             "use_transformers_continuous_batching transformers_continuous_batching_config use_transformers_paged"),
-    **_none("not supported yet: a vLLM backend is planned (online.generation_backend)",
-            "use_vllm vllm_mode vllm_model_impl vllm_enable_sleep_mode vllm_structured_outputs_regex "
-            "vllm_server_base_url vllm_server_host vllm_server_port vllm_server_timeout vllm_group_port "
-            "vllm_gpu_memory_utilization vllm_max_model_length vllm_tensor_parallel_size"),
-    **_none("not used: without vLLM there is no sampler mismatch to correct (hf samples the policy itself)",
-            "vllm_importance_sampling_correction vllm_importance_sampling_mode vllm_importance_sampling_cap "
-            "vllm_importance_sampling_clip_max vllm_importance_sampling_clip_min"),
+    "use_vllm": ("online.use_vllm", "or online.generation_backend: vllm"),
+    "vllm_gpu_memory_utilization": ("online.vllm_gpu_memory_utilization", "on CPU the KV cache is sized to the "
+                                    "rollouts instead"),
+    "vllm_max_model_length": ("online.vllm_max_model_length", "default max_prompt_length + max_completion_length"),
+    "vllm_enable_sleep_mode": ("online.vllm_enable_sleep_mode", "GPU only"),
+    "vllm_tensor_parallel_size": ("online.vllm_tensor_parallel_size", ""),
+    "vllm_importance_sampling_correction": ("online.vllm_importance_sampling_correction", ""),
+    "vllm_importance_sampling_mode": ("online.vllm_importance_sampling_mode", ""),
+    "vllm_importance_sampling_clip_max": ("online.vllm_importance_sampling_clip_max", ""),
+    "vllm_importance_sampling_clip_min": ("online.vllm_importance_sampling_clip_min", ""),
+    "vllm_importance_sampling_cap": ("online.vllm_importance_sampling_clip_max", "TRL's deprecated name"),
+    **_none("not supported yet: the vLLM engine runs in the trainer's process (colocate)",
+            "vllm_mode vllm_server_base_url vllm_server_host vllm_server_port vllm_server_timeout vllm_group_port"),
+    **_none("not supported yet: vLLM runs its own model implementation", "vllm_model_impl"),
+    **_none("not supported yet: no constrained decoding", "vllm_structured_outputs_regex"),
     **_none("not supported yet: grpo-fast trains in one process on one device",
             "ddp_find_unused_parameters ddp_bucket_cap_mb ddp_broadcast_buffers ddp_static_graph ddp_backend "
             "ddp_timeout fsdp fsdp_config deepspeed ds3_gather_for_generation accelerator_config "

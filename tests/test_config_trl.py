@@ -109,6 +109,12 @@ def test_scale_rewards_takes_trls_booleans(value, expected):
     assert config_from_dict({**BASE, "online": {"scale_rewards": value}}).online.scale_rewards == expected
 
 
+@pytest.mark.parametrize("online, backend", [({"use_vllm": True}, "vllm"), ({}, "hf"),
+                                             ({"generation_backend": "vllm"}, "vllm")])
+def test_use_vllm_is_trls_spelling_of_the_vllm_backend(online, backend):
+    assert config_from_dict({**BASE, "online": online}).online.generation_backend == backend
+
+
 @pytest.mark.parametrize("tracker", ["none", "tensorboard", "wandb", "trackio"])
 def test_report_to_names_one_tracker(tracker):
     assert config_from_dict({**BASE, "report_to": tracker}).report_to == tracker
@@ -137,6 +143,17 @@ def test_report_to_names_one_tracker(tracker):
     ({"rewards": [{"model": "org/rm", "columns": {"a": "b"}}]},
      "online.rewards[0].columns: is for reward functions"),
     ({"rewards": [{"name": "f", "columns": {"answer": 3}}]}, "online.rewards[0].columns: must map keyword names"),
+    ({"use_vllm": True, "generation_backend": "mine"}, "online.use_vllm: true means generation_backend: vllm"),
+    ({"vllm_gpu_memory_utilization": 0}, "online.vllm_gpu_memory_utilization: must be in (0, 1]"),
+    ({"vllm_max_model_length": 16}, "online.vllm_max_model_length: must be >= max_prompt_length + "
+                                    "max_completion_length = 512"),
+    ({"vllm_tensor_parallel_size": 0}, "online.vllm_tensor_parallel_size: must be >= 1"),
+    ({"vllm_importance_sampling_mode": "token"}, "online.vllm_importance_sampling_mode: expected one of "
+                                                 "'token_truncate', 'token_mask', 'sequence_truncate', 'sequence_mask'"),
+    ({"vllm_importance_sampling_clip_max": -1.0}, "online.vllm_importance_sampling_clip_max: must be a finite number >= 0"),
+    ({"vllm_importance_sampling_clip_min": 4.0}, "online.vllm_importance_sampling_clip_min: must be <= "
+                                                 "online.vllm_importance_sampling_clip_max"),
+    ({"use_vllm": True, "loss_type": "vespo"}, "online.vllm_importance_sampling_mode: vespo folds the correction"),
 ])
 def test_bad_values_of_the_trl_named_options_name_the_key(online, message):
     assert message in error({"online": online})
@@ -193,9 +210,9 @@ def test_each_trl_field_in_the_online_section_is_a_key_or_answers_likewise(field
      "unknown key 'per_device_train_batch_size' (TRL's name): in grpo-fast it is batch_size (it counts prompts, "
      "each sampled online.num_generations times: per_device_train_batch_size / num_generations"),
     ({"use_vllm": True},
-     "unknown key 'use_vllm' (TRL's name): not supported yet: a vLLM backend is planned "
-     "(online.generation_backend)"),
-    ({"vllm_gpu_memory_utilization": 0.5}, "not supported yet: a vLLM backend is planned"),
+     "unknown key 'use_vllm' (TRL's name): in grpo-fast it is online.use_vllm (or online.generation_backend: vllm)"),
+    ({"vllm_gpu_memory_utilization": 0.5}, "in grpo-fast it is online.vllm_gpu_memory_utilization"),
+    ({"vllm_mode": "server"}, "not supported yet: the vLLM engine runs in the trainer's process (colocate)"),
     ({"beta": 0.04}, "unknown key 'beta' (TRL's name): in grpo-fast it is online.beta"),
     ({"num_generations": 16}, "in grpo-fast it is online.num_generations"),
     ({"temperature": 0.7}, "in grpo-fast it is online.temperature"),

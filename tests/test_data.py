@@ -8,7 +8,7 @@ import torch
 
 from grpo_fast.data import (DataError, GroupCollator, load_offline_dataset, load_prompt_dataset, reward_inputs,
                             load_scored_records, tokenize_group)
-from grpo_fast.losses import MAX_SCALED_SCORE
+from grpo_fast.listwise import MAX_SCALED_SCORE
 from grpo_fast.modeling import build_byte_tokenizer
 
 GOOD = {"prompt": "1+1=", "completions": [{"text": "2", "score": 1.0}, {"text": "3", "score": 0.0}]}

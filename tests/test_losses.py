@@ -1,4 +1,5 @@
-"""Tests for grpo_fast.losses: listwise KL, group advantages and the GRPO clipped surrogate."""
+"""Tests for grpo_fast.listwise (listwise KL) and grpo_fast.losses (group advantages, the GRPO
+clipped surrogate, the sampler's importance-sampling correction)."""
 
 import math
 
@@ -7,14 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from grpo_fast import losses
+from grpo_fast.listwise import MAX_SCALED_SCORE, listwise_kl_loss, listwise_metrics
 from grpo_fast.losses import (
     LOSS_TYPES,
-    MAX_SCALED_SCORE,
+    SAMPLING_CORRECTION_MODES,
+    get_loss_type,
     group_advantages,
     grpo_loss,
-    listwise_kl_loss,
-    listwise_metrics,
     register_loss_type,
+    sampling_importance_weights,
     zero_std_fraction,
 )
 
@@ -288,8 +290,10 @@ def test_group_advantages_accept_integer_rewards():
 # --------------------------------------------------------------------------------------------
 
 
-def _reference_grpo_loss(logps, old, ref, adv, mask, loss_type, eps_low, eps_high, beta, max_len, num_items):
-    """Token-by-token loops, written independently of the vectorized implementation."""
+def _reference_grpo_loss(logps, old, ref, adv, mask, loss_type, eps_low, eps_high, beta, max_len, num_items,
+                         weights=None):
+    """Token-by-token loops, written independently of the vectorized implementation; ``weights``:
+    the sampler correction, (N, T) or (N, 1), scaling the clipped term of each token."""
     n, t = logps.shape
     rows = []
     for i in range(n):
@@ -301,6 +305,8 @@ def _reference_grpo_loss(logps, old, ref, adv, mask, loss_type, eps_low, eps_hig
             unclipped = rho * adv[i]
             clipped = torch.clamp(rho, 1 - eps_low, 1 + eps_high) * adv[i]
             term = -(unclipped if unclipped <= clipped else clipped)
+            if weights is not None:
+                term = term * weights[i, min(j, weights.shape[1] - 1)]
             if beta:
                 d = ref[i, j] - logps[i, j]
                 term = term + beta * (torch.exp(d) - d - 1)
@@ -503,3 +509,129 @@ def test_register_loss_type(monkeypatch):
 
 def test_loss_types_lists_the_builtins():
     assert LOSS_TYPES == ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+
+
+# --------------------------------------------------------------------------------------------
+# The sampler's importance-sampling correction (TRL's vllm_importance_sampling_correction)
+# --------------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+# d = trainer - sampler at the valid tokens; row 1's third token and rows 2 and 3 past their
+# first token are padding (garbage there), row 3 has no valid token at all. The sampler's
+# log-prob of token (0, 2) is unavailable (NaN): its d counts as 0.
+IS_MASK = torch.tensor([[True, True, True], [True, True, False], [True, False, False], [False, False, False]])
+IS_D = torch.tensor([[LN2, -2 * LN2, 0.0], [3 * LN2, -LN2, 0.0], [math.log(1.5), 0.0, 0.0], [0.0, 0.0, 0.0]],
+                    dtype=torch.float64)
+IS_SAMPLER = torch.tensor([[-1.0, -0.5, NAN], [-2.0, -0.1, INF], [-0.3, NAN, 4.0], [NAN, -INF, 0.0]],
+                          dtype=torch.float64)
+IS_PADDING = torch.tensor([[0, 0, 0], [0, 0, 7.0], [0, NAN, INF], [5.0, NAN, -INF]], dtype=torch.float64)
+IS_TRAINER = torch.where(IS_MASK, IS_SAMPLER.nan_to_num(0.0) + IS_D, IS_PADDING)
+# Token ratios exp(d): [[2, 1/4, 1], [8, 1/2, -], [3/2, -, -], [-, -, -]]; sequence ratios
+# exp(sum d): [1/2, 4, 3/2, 1]. |d| over the 5 tokens with a sampler log-prob: ln2, 2 ln2, 3 ln2,
+# ln2, ln 1.5. Bounds [clip_min, 3]: 8 (token) and 4 (sequence) are above; 1/4 and 1/2 below
+# clip_min 0.3 and 0.6.
+IS_DIFF = dict(mean=(7 * LN2 + math.log(1.5)) / 5, max=3 * LN2)
+IS_CASES = {
+    # mode, clip_min: weights (padding 1), ratio min / mean / max, clipped_fraction
+    ("token_truncate", None): ([[2, .25, 1], [3, .5, 1], [1.5, 1, 1], [1, 1, 1]], (.25, 8.25 / 6, 3), 1 / 6),
+    ("token_truncate", 0.3): ([[2, .3, 1], [3, .5, 1], [1.5, 1, 1], [1, 1, 1]], (.3, 8.3 / 6, 3), 2 / 6),
+    ("token_mask", None): ([[2, .25, 1], [0, .5, 1], [1.5, 1, 1], [1, 1, 1]], (0, 5.25 / 6, 2), 1 / 6),
+    ("token_mask", 0.3): ([[2, 0, 1], [0, .5, 1], [1.5, 1, 1], [1, 1, 1]], (0, 5 / 6, 2), 2 / 6),
+    # Sequence modes: statistics over all 4 rows (as TRL), the clipped fraction over the 3 with a token.
+    ("sequence_truncate", None): ([[.5], [3], [1.5], [1]], (.5, 6 / 4, 3), 1 / 3),
+    ("sequence_truncate", 0.6): ([[.6], [3], [1.5], [1]], (.6, 6.1 / 4, 3), 2 / 3),
+    ("sequence_mask", None): ([[.5], [0], [1.5], [1]], (0, 3 / 4, 1.5), 1 / 3),
+    ("sequence_mask", 0.6): ([[0], [0], [1.5], [1]], (0, 2.5 / 4, 1.5), 2 / 3),
+}
+
+
+@pytest.mark.parametrize("mode, clip_min", list(IS_CASES), ids=lambda x: str(x))
+def test_sampling_importance_weights_hand_example(mode, clip_min):
+    expected, (lo, mean, hi), clipped = IS_CASES[mode, clip_min]
+    trainer = IS_TRAINER.clone().requires_grad_(True)
+    weights, metrics = sampling_importance_weights(trainer, IS_SAMPLER, IS_MASK.int(), mode=mode,
+                                                   clip_min=clip_min, clip_max=3.0)
+    assert not weights.requires_grad
+    torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float64))
+    assert metrics == pytest.approx({
+        "sampling/sampling_logp_difference/mean": IS_DIFF["mean"],
+        "sampling/sampling_logp_difference/max": IS_DIFF["max"],
+        "sampling/importance_sampling_ratio/min": lo,
+        "sampling/importance_sampling_ratio/mean": mean,
+        "sampling/importance_sampling_ratio/max": hi,
+        "sampling/importance_sampling_ratio/clipped_fraction": clipped,
+    })
+
+
+def test_sampling_importance_weights_unbounded_and_edge_cases():
+    # No bounds: the raw ratios, nothing clipped.
+    weights, metrics = sampling_importance_weights(IS_TRAINER, IS_SAMPLER, IS_MASK, mode="token_truncate",
+                                                   clip_max=None)
+    torch.testing.assert_close(weights[IS_MASK], torch.tensor([2, .25, 1, 8, .5, 1.5], dtype=torch.float64))
+    assert metrics["sampling/importance_sampling_ratio/clipped_fraction"] == 0.0
+    # No valid token: every token metric is 0; bf16 inputs give float32 weights.
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    weights, metrics = sampling_importance_weights(torch.zeros(2, 3, dtype=torch.bfloat16),
+                                                   torch.ones(2, 3, dtype=torch.bfloat16), none, mode="token_mask")
+    assert weights.dtype == torch.float32 and all(v == 0.0 for v in metrics.values())
+    assert set(SAMPLING_CORRECTION_MODES) == {"token_truncate", "token_mask", "sequence_truncate", "sequence_mask"}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sampling_importance_weights(IS_TRAINER, IS_SAMPLER, IS_MASK, mode="token_clip")
+    with pytest.raises(ValueError, match=r"\(N, T\)"):
+        sampling_importance_weights(IS_TRAINER, IS_SAMPLER[:, :2], IS_MASK)
+
+
+def _sampling_weights(mask, per_sequence, seed=20):
+    g = _gen(seed)
+    weights = torch.rand(mask.shape[0], 1 if per_sequence else mask.shape[1], generator=g, dtype=torch.float64)
+    weights = weights * 2 + 0.1
+    weights[0, 0] = 0.0  # a masked-out token (or sequence)
+    return weights
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_loss_with_sampling_weights_matches_the_hand_weighted_loss(loss_type, beta, per_sequence):
+    logps, old, ref, adv, mask = _random_batch(seed=21)
+    weights = _sampling_weights(mask, per_sequence)
+    x = logps.clone().requires_grad_(True)
+    loss, _ = grpo_loss(x, old, ref, adv, mask, loss_type=loss_type, epsilon_high=0.28, beta=beta,
+                        num_items_in_batch=40, sampling_weights=weights)
+    loss.backward()
+    y = logps.clone().requires_grad_(True)
+    expected = _reference_grpo_loss(y, old, ref, adv, mask, loss_type, 0.2, 0.28, beta, None, 40, weights=weights)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_sampling_weights_scale_the_policy_term_only(loss_type):
+    logps, old, ref, adv, mask = _random_batch(seed=22)
+    kwargs = dict(loss_type=loss_type, max_completion_length=9, num_items_in_batch=40)
+    plain, metrics = grpo_loss(logps, old, None, adv, mask, **kwargs)
+    ones, ones_metrics = grpo_loss(logps, old, None, adv, mask, sampling_weights=torch.ones_like(logps), **kwargs)
+    torch.testing.assert_close(ones, plain, rtol=0, atol=0)  # all-ones weights change nothing
+    assert ones_metrics == metrics
+    half, _ = grpo_loss(logps, old, None, adv, mask, sampling_weights=torch.full_like(logps, 0.5), **kwargs)
+    if get_loss_type(loss_type).folds_sampling_weights:
+        # VESPO: w gains a factor 0.5 per valid token, which moves phi, not a factor on the loss.
+        assert not torch.allclose(half, plain) and not torch.allclose(half, plain / 2)
+    else:
+        torch.testing.assert_close(half, plain / 2)
+    # Zero advantages leave only the KL term, which the weights do not touch (TRL's order).
+    zero = torch.zeros_like(adv)
+    kl, _ = grpo_loss(logps, old, ref, zero, mask, beta=0.1, **kwargs)
+    kl_weighted, _ = grpo_loss(logps, old, ref, zero, mask, beta=0.1, sampling_weights=torch.full_like(logps, 0.5),
+                               **kwargs)
+    torch.testing.assert_close(kl_weighted, kl)
+
+
+def test_sampling_weights_shape_errors():
+    logps, mask, adv = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.ones(2)
+    with pytest.raises(ValueError, match="sampling_weights"):
+        grpo_loss(logps, None, None, adv, mask, sampling_weights=torch.ones(2, 2))
+    grpo_loss(logps, None, None, adv, mask, sampling_weights=torch.ones(2, 1))  # a sequence mode's shape
+    with pytest.raises(ValueError, match="vespo.*token-level"):
+        grpo_loss(logps, None, None, adv, mask, loss_type="vespo", sampling_weights=torch.ones(2, 1))

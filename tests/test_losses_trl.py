@@ -146,13 +146,15 @@ def trl_trainer():
     from trl import GRPOTrainer
 
     def make(*, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, beta=0.0, importance_sampling_level="token",
-             top_entropy_quantile=1.0, gradient_accumulation_steps=1, **args):
+             top_entropy_quantile=1.0, gradient_accumulation_steps=1, vllm_importance_sampling_correction=False,
+             **args):
         trainer = object.__new__(GRPOTrainer)
         trainer.__dict__.update(
             loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
             importance_sampling_level=importance_sampling_level, top_entropy_quantile=top_entropy_quantile,
-            max_completion_length=MAX_LEN, off_policy_mask_threshold=None, use_vllm=False,
-            vllm_importance_sampling_correction=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
+            max_completion_length=MAX_LEN, off_policy_mask_threshold=None, use_vllm=vllm_importance_sampling_correction,
+            vllm_importance_sampling_correction=vllm_importance_sampling_correction, aux_loss_enabled=False,
+            _entropy_bonus_enabled=False,
             current_gradient_accumulation_steps=gradient_accumulation_steps,
             model=SimpleNamespace(training=True), accelerator=_OneProcess(), _metrics={"train": defaultdict(list)},
             # TRL's default steps_per_generation is gradient_accumulation_steps.
@@ -162,9 +164,11 @@ def trl_trainer():
     return make
 
 
-def _trl_loss(make_trainer, logps, old, ref, adv, mask, entropies, *, num_items_in_batch, **options):
-    """(loss, d loss / d logps, metrics) from TRL's _compute_loss on these tensors."""
-    trainer = make_trainer(**options)
+def _trl_loss(make_trainer, logps, old, ref, adv, mask, entropies, *, num_items_in_batch,
+              importance_sampling_ratio=None, **options):
+    """(loss, d loss / d logps, metrics) from TRL's _compute_loss on these tensors; with
+    ``importance_sampling_ratio``, under use_vllm and vllm_importance_sampling_correction."""
+    trainer = make_trainer(vllm_importance_sampling_correction=importance_sampling_ratio is not None, **options)
     x = logps.clone().requires_grad_(True)
     trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (x, entropies, None)
     n, t = mask.shape
@@ -175,6 +179,8 @@ def _trl_loss(make_trainer, logps, old, ref, adv, mask, entropies, *, num_items_
         inputs["old_per_token_logps"] = old
     if options.get("beta", 0.0) != 0.0:
         inputs["ref_per_token_logps"] = ref
+    if importance_sampling_ratio is not None:
+        inputs["importance_sampling_ratio"] = importance_sampling_ratio
     loss = trainer._compute_loss(None, inputs)
     loss.backward()
     return loss.detach(), x.grad, {name: values[-1] for name, values in trainer._metrics["train"].items()}
@@ -315,6 +321,53 @@ def test_vespo_extreme_ratios_match_trl(params, trl_trainer):
 
 
 # --------------------------------------------------------------------------------------------
+# The sampler's importance-sampling correction: sampling_weights against TRL's
+# inputs["importance_sampling_ratio"] under use_vllm and vllm_importance_sampling_correction
+# --------------------------------------------------------------------------------------------
+
+# Token-level ratios for every type, sequence-level ones (N, 1) for those TRL allows them with
+# (all but vespo, which TRL restricts to the token_* modes).
+SAMPLING_CASES = [
+    *[(name, {**level, **kl, "per_sequence": per_sequence}) for name in LOSS_TYPES
+      for level in ({}, dict(importance_sampling_level="sequence")) for kl in ({}, KL_CORRECTED)
+      for per_sequence in ((False,) if name == "vespo" else (False, True))],
+    *[(name, dict(top_entropy_quantile=0.5, per_sequence=False, **KL)) for name in LOSS_TYPES],
+]
+
+
+def _sampler_ratio(mask, *, per_sequence, seed=5):
+    """Random positive ratios, with some exact zeros (masked by a *_mask mode). Token ratios are 1
+    at padding, as TRL's own are (exp of a zero difference): its VESPO sums their logs there too."""
+    g = torch.Generator().manual_seed(seed)
+    ratio = torch.rand(mask.shape[0], 1 if per_sequence else mask.shape[1], generator=g, dtype=torch.float64) * 1.5
+    ratio = (ratio + 0.25).masked_fill(torch.rand(ratio.shape, generator=g) < 0.15, 0.0)
+    return ratio if per_sequence else torch.where(mask, ratio, 1.0)
+
+
+@pytest.mark.parametrize("case", SAMPLING_CASES, ids=_case_id)
+def test_sampling_weights_match_trls_importance_sampling_correction(case, trl_trainer):
+    name, options = case
+    per_sequence = options.pop("per_sequence")
+    # No empty row: TRL averages per-sequence metrics over empty rows too (see
+    # test_per_sequence_metrics_skip_empty_completions), and the metrics are compared here.
+    (logps, old, ref, adv, mask, entropies), ours, trl_options = _inputs((name, options), empty_row=False)
+    ratio = _sampler_ratio(mask, per_sequence=per_sequence)
+    assert (ratio == 0).any() and (ratio > 1).any()
+    loss, grad, metrics = _ours(logps, old, ref, adv, mask, sampling_weights=ratio, **ours)
+    trl_loss, trl_grad, trl_metrics = _trl_loss(trl_trainer, logps, old, ref, adv, mask, entropies,
+                                                num_items_in_batch=ours["num_items_in_batch"],
+                                                importance_sampling_ratio=ratio, **trl_options)
+    _close(loss, trl_loss)
+    _close(grad, trl_grad)
+    assert metrics == pytest.approx({k: trl_metrics[k] for k in metrics}, rel=1e-5, abs=1e-9)
+    # The weights really entered both: without them the loss (and VESPO's phi) differs.
+    unweighted, unweighted_metrics = grpo_loss(logps, old, ref, adv, mask, max_completion_length=MAX_LEN, **ours)
+    assert not torch.allclose(unweighted, trl_loss)
+    if name == "vespo":
+        assert unweighted_metrics["vespo/phi_seq_mean"] != pytest.approx(metrics["vespo/phi_seq_mean"])
+
+
+# --------------------------------------------------------------------------------------------
 # Micro-batches: LossType.global_normalizer against TRL's gradient accumulation
 # --------------------------------------------------------------------------------------------
 
@@ -352,6 +405,7 @@ def test_each_loss_type_is_one_record():
         assert record.name == name
         assert record.objective is objectives.get(name, clipped_surrogate_objective)
         assert record.global_normalizer == (name in GLOBAL_TYPES)
+        assert record.folds_sampling_weights == (name == "vespo")  # TRL's `loss_type != "vespo"`
     # Shared reductions: sapo reduces as grpo, cispo and vespo as dapo (as TRL does).
     assert get_loss_type("sapo").reduce is get_loss_type("grpo").reduce
     assert get_loss_type("cispo").reduce is get_loss_type("dapo").reduce is get_loss_type("vespo").reduce

@@ -77,7 +77,7 @@ def test_the_import_graph_has_no_cycle():
 def test_imports_point_one_way():
     graph = import_graph()
     assert not [m for m, deps in graph.items() if "grpo_fast.cli" in deps], "nothing imports the cli"
-    for leaf in ("grpo_fast.losses", "grpo_fast.rewards", "grpo_fast.errors"):
+    for leaf in ("grpo_fast.losses", "grpo_fast.listwise", "grpo_fast.rewards", "grpo_fast.errors"):
         assert not graph[leaf] - {"grpo_fast.losses"}, f"{leaf} is a leaf: {graph[leaf]}"
     for trainer in ("grpo_fast.offline", "grpo_fast.online"):
         assert not {"grpo_fast.offline", "grpo_fast.online"} & graph[trainer] - {trainer}, "trainers are apart"

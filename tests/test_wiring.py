@@ -43,7 +43,8 @@ from grpo_fast import rewards
 from grpo_fast.config import config_from_dict, load_config
 from grpo_fast.data import GroupCollator, load_offline_dataset
 from grpo_fast.evaluate import evaluate
-from grpo_fast.losses import group_advantages, grpo_loss, listwise_kl_loss
+from grpo_fast.listwise import listwise_kl_loss
+from grpo_fast.losses import group_advantages, grpo_loss
 from grpo_fast.modeling import load_model_and_tokenizer
 from grpo_fast.online import OnlineTrainer
 from grpo_fast.rollout import Rollout

@@ -7,7 +7,8 @@
 
 A backend is one module in this package that subclasses `RolloutBackend` and registers itself
 under a name with `@register_backend("name")`; `online.generation_backend` picks it. `hf`
-(grpo_fast/rollout/hf.py) decodes with the live policy's own forward. Everything here is
+(grpo_fast/rollout/hf.py) decodes with the live policy's own forward; `vllm`
+(grpo_fast/rollout/vllm.py) samples from a vLLM engine kept in sync with it. Everything here is
 backend-neutral: prompt tokenization (left-padded, cut from the left), the completion mask after
 the first EOS, the EOS ids, and the completion metrics every backend's rollouts are logged with.
 """
@@ -37,6 +38,10 @@ class Rollout:
     # The temperature the completions were sampled at (1.0 for greedy ones). The log-prob passes
     # read it from here, so sampling and scoring cannot disagree.
     temperature: float = 1.0
+    # (N, C) fp32: the sampler's own log-prob of each completion token (0 past the mask), from a
+    # backend whose numerics differ from the training forward (an inference engine); None when
+    # the policy sampled itself. The loss corrects for the difference (grpo_fast.losses).
+    sampler_logps: Optional[Tensor] = None
 
     def select(self, rows: Tensor) -> "Rollout":
         """The Rollout of the given (k,) row indices, in that order."""
@@ -44,7 +49,8 @@ class Rollout:
         return Rollout(prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows],
                        completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
                        texts=[self.texts[i] for i in picked], terminated=self.terminated[rows],
-                       lengths=self.lengths[rows], temperature=self.temperature)
+                       lengths=self.lengths[rows], temperature=self.temperature,
+                       sampler_logps=None if self.sampler_logps is None else self.sampler_logps[rows])
 
     def completion_token_lists(self) -> list[list[int]]:
         """Each row's completion ids up to and including its first EOS (what rewards see)."""
@@ -120,6 +126,22 @@ def completion_metrics(lengths: Tensor, terminated: Tensor) -> dict[str, float]:
             "completions/clipped_ratio": 1.0 - terminated.float().mean().item()}
 
 
+# The sampling settings `online.generation_kwargs` may override, by these names.
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_settings(online, backend: str) -> dict:
+    """temperature, top_p, top_k, min_p and repetition_penalty from the online config, with
+    `generation_kwargs` applied over them (TRL's escape hatch for sampling arguments; here only
+    these names mean something, so another one is an error rather than silently ignored)."""
+    extra = dict(online.generation_kwargs or {})
+    unknown = sorted(set(extra) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"online.generation_kwargs: {', '.join(unknown)} not supported by the {backend} backend "
+                         f"(it takes {', '.join(SAMPLING_KEYS)})")
+    return {**{k: getattr(online, k) for k in SAMPLING_KEYS}, **extra}
+
+
 class RolloutBackend(ABC):
     """Generates completions for the online trainer.
 
@@ -145,14 +167,22 @@ class RolloutBackend(ABC):
 
     def after_update(self, model) -> None:
         """Called after every optimizer update. A backend that samples from its own copy of the
-        weights (an inference engine) syncs them here; one that samples from `model` itself has
-        nothing to do."""
+        weights (an inference engine) syncs them before its next rollout; one that samples from
+        `model` itself has nothing to do."""
+
+    def metrics(self) -> dict[str, float]:
+        """The backend's own metrics since the last call (e.g. an engine's weight-sync time),
+        logged with the step's under TRL-style names."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the backend holds (an engine, its temporary files); called once the run ends."""
 
 
 BACKENDS: dict[str, type[RolloutBackend]] = {}
 # Built-in backends, imported on first use so that a backend's own dependencies (an inference
 # engine) load only when it is chosen.
-BUILTIN_BACKENDS = {"hf": "grpo_fast.rollout.hf"}
+BUILTIN_BACKENDS = {"hf": "grpo_fast.rollout.hf", "vllm": "grpo_fast.rollout.vllm"}
 
 
 def register_backend(name: str) -> Callable[[type[RolloutBackend]], type[RolloutBackend]]:

@@ -28,7 +28,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import Rollout, RolloutBackend, completion_mask_after_eos, eos_token_ids, register_backend, tokenize_prompts
+from . import (Rollout, RolloutBackend, completion_mask_after_eos, eos_token_ids, register_backend, sampling_settings,
+               tokenize_prompts)
 
 
 def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0,
@@ -180,22 +181,6 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
                    temperature=1.0 if greedy else temperature)
 
 
-# The sampling settings `online.generation_kwargs` may override, by these names.
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def sampling_settings(online) -> dict:
-    """temperature, top_p, top_k, min_p and repetition_penalty from the online config, with
-    `generation_kwargs` applied over them (TRL's escape hatch for sampling arguments; here only
-    these names mean something, so another one is an error rather than silently ignored)."""
-    extra = dict(online.generation_kwargs or {})
-    unknown = sorted(set(extra) - set(SAMPLING_KEYS))
-    if unknown:
-        raise ValueError(f"online.generation_kwargs: {', '.join(unknown)} not supported by the hf backend "
-                         f"(it takes {', '.join(SAMPLING_KEYS)})")
-    return {**{k: getattr(online, k) for k in SAMPLING_KEYS}, **extra}
-
-
 @register_backend("hf")
 class HFBackend(RolloutBackend):
     """Samples from the policy being trained, with the config's sampling settings. A repetition
@@ -204,11 +189,11 @@ class HFBackend(RolloutBackend):
 
     def __init__(self, cfg, model, tokenizer, eos_ids):
         super().__init__(cfg, model, tokenizer, eos_ids)
-        self.sampling = sampling_settings(cfg.online)
+        self.sampling = sampling_settings(cfg.online, "hf")
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        sampling_settings(cfg.online)
+        sampling_settings(cfg.online, "hf")
 
     def generate(self, prompts: Sequence[str], *, greedy: bool = False,
                  num_generations: Optional[int] = None) -> Rollout:

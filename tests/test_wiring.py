@@ -44,7 +44,7 @@ from grpo_fast.config import config_from_dict, load_config
 from grpo_fast.data import GroupCollator, load_offline_dataset
 from grpo_fast.evaluate import evaluate
 from grpo_fast.listwise import listwise_kl_loss
-from grpo_fast.losses import group_advantages, grpo_loss
+from grpo_fast.losses import group_advantages, grpo_loss, sampling_importance_weights
 from grpo_fast.modeling import load_model_and_tokenizer
 from grpo_fast.online import OnlineTrainer
 from grpo_fast.rollout import Rollout
@@ -139,14 +139,24 @@ ONLINE = dict(temperature=0.7, beta=0.2, epsilon_low=0.1, epsilon_high=0.4, num_
 REWARDS = [0.0, 1.0, 3.0, 0.5, 2.0, 2.2, 1.9, 0.1, 5.0, -1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("loss_type,scale_rewards,ga,lora", [
-    ("dapo", "none", 1, False),
-    ("grpo", "batch", 2, False),
-    ("bnpo", "batch", 1, True),
-    ("dr_grpo", "none", 2, True),
-], ids=["dapo-none-full", "grpo-batch-ga2-full", "bnpo-batch-lora", "dr_grpo-none-ga2-lora"])
-def test_online_step_matches_independent_update(tmp_path, monkeypatch, loss_type, scale_rewards, ga, lora):
-    o = ONLINE
+# An engine's rollouts (sampler log-probs given): the correction's mode and bounds, set so that
+# some weights are truncated (or masked) and the default (sequence_mask, 3.0) would differ.
+ENGINE = {"vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_max": 1.02,
+          "vllm_importance_sampling_clip_min": 0.99}
+
+
+@pytest.mark.parametrize("loss_type,scale_rewards,ga,lora,engine", [
+    ("dapo", "none", 1, False, None),
+    ("grpo", "batch", 2, False, None),
+    ("bnpo", "batch", 1, True, None),
+    ("dr_grpo", "none", 2, True, None),
+    ("dapo", "group", 2, True, ENGINE),
+    ("grpo", "none", 1, False, {**ENGINE, "vllm_importance_sampling_mode": "sequence_mask",
+                                "vllm_importance_sampling_clip_max": 1.01, "vllm_importance_sampling_clip_min": None}),
+], ids=["dapo-none-full", "grpo-batch-ga2-full", "bnpo-batch-lora", "dr_grpo-none-ga2-lora",
+        "dapo-engine-token_truncate-ga2-lora", "grpo-engine-sequence_mask-full"])
+def test_online_step_matches_independent_update(tmp_path, monkeypatch, loss_type, scale_rewards, ga, lora, engine):
+    o = {**ONLINE, **(engine or {})}
     rewards_used = REWARDS[:ga * B * G]
     monkeypatch.setitem(rewards.BUILTIN_REWARDS, "wiring_table",
                         lambda prompts, completions, **kw: list(rewards_used))
@@ -178,8 +188,17 @@ def test_online_step_matches_independent_update(tmp_path, monkeypatch, loss_type
     records = [{"prompt": p} for p in PROMPTS[:ga * B]]
     chunks = [PROMPTS[k * B:(k + 1) * B] for k in range(ga)]
     rolls = {tuple(c): fixed_rollout(trainer.tokenizer, c, G, C, gen, cfg.online.temperature) for c in chunks}
+    if engine:
+        # As if an engine had sampled them: its log-probs are the policy's, slightly off.
+        for roll in rolls.values():
+            with torch.no_grad():
+                logps = plain_completion_logps(policy, roll, cfg.online.temperature)
+            roll.sampler_logps = (logps + 0.02 * torch.randn(logps.shape, generator=gen)) * roll.completion_mask
     monkeypatch.setattr(trainer, "generate", lambda prompts: rolls[tuple(prompts)])
-    trainer.step(records)
+    metrics, _ = trainer.step(records)
+    assert ("sampling/importance_sampling_ratio/clipped_fraction" in metrics) == bool(engine)
+    if engine:
+        assert 0 < metrics["sampling/importance_sampling_ratio/clipped_fraction"] < 1
 
     # The same update from the pure pieces.
     T = o["temperature"]
@@ -196,10 +215,15 @@ def test_online_step_matches_independent_update(tmp_path, monkeypatch, loss_type
     for _ in range(o["num_iterations"]):
         for roll, adv, old_lp, ref_lp in zip(rolls, advantages, old, ref):
             logps = plain_completion_logps(policy, roll, T)
+            weights = None
+            if engine:
+                weights, _ = sampling_importance_weights(
+                    old_lp, roll.sampler_logps, roll.completion_mask, mode=o["vllm_importance_sampling_mode"],
+                    clip_min=o["vllm_importance_sampling_clip_min"], clip_max=o["vllm_importance_sampling_clip_max"])
             loss, _ = grpo_loss(logps, old_lp, ref_lp, adv, roll.completion_mask, loss_type=loss_type,
                                 epsilon_low=o["epsilon_low"], epsilon_high=o["epsilon_high"], beta=o["beta"],
                                 max_completion_length=C, num_items_in_batch=num_items,
-                                use_bias_correction_kl=o["use_bias_correction_kl"])
+                                use_bias_correction_kl=o["use_bias_correction_kl"], sampling_weights=weights)
             # grpo, bnpo, dr_grpo normalize per micro-batch (the step averages them); dapo by the
             # step's token count already.
             (loss if loss_type == "dapo" else loss / ga).backward()

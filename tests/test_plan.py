@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from grpo_fast.cli import main
 from grpo_fast.config import ConfigError, config_from_dict, load_config
 from grpo_fast.plan import (
     CUDA_OVERHEAD,
+    ENGINE_FIXED,
     FIT_SEARCH_MAX,
     GiB,
     HUB_SHAPES,
@@ -38,6 +40,7 @@ from grpo_fast.plan import (
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"qwen2.5-0.5b-gsm8k-qlora.yaml": 8 * GiB,
            "qwen2.5-1.5b-gsm8k-qlora.yaml": 12 * GiB,
+           "qwen2.5-1.5b-gsm8k-qlora-vllm.yaml": 12 * GiB,
            "qwen2.5-3b-gsm8k-qlora.yaml": 24 * GiB}
 
 # Parameter counts the model authors publish.
@@ -82,7 +85,7 @@ def test_tiny_shape_by_hand():
     # embeddings 259 x 64 (tied) + 2 layers x (4 x 64 x 64 attention + 3 x 64 x 192 MLP + 2 norms)
     # + the final norm.
     assert shape.num_params == 259 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 192 + 2 * 64) + 64 == 123_392
-    assert (shape.q_dim, shape.kv_dim, shape.head_dim) == (64, 64, 16)
+    assert (shape.q_dim, shape.kv_dim, shape.head_dim) == (64, 64, 32)
 
 
 def test_hub_ids_map_to_shipped_shapes_and_unknown_models_fail_clearly(tmp_path, monkeypatch):
@@ -399,6 +402,178 @@ def test_fit_search_finds_the_boundary_and_is_monotone_in_the_card():
 
 
 # --------------------------------------------------------------------------------------------
+# The colocated vLLM engine (generation_backend: vllm)
+# --------------------------------------------------------------------------------------------
+
+
+def vllm_cfg(**online):
+    return online_cfg(online={"generation_backend": "vllm", **online})
+
+
+def test_vllm_engine_by_hand():
+    shape = model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    plan = estimate(vllm_cfg(), shape, card=24 * GiB)
+    engine = plan.engine
+    # The 4-bit base reaches the engine dequantized, in bf16, with one bf16 LoRA slot of rank 16.
+    assert engine.weights == 2 * shape.num_params == 3_087_428_608
+    assert engine.lora_slot == 2 * lora_param_count(online_cfg(), shape)
+    # k and v of 28 layers x 2 KV heads x 128 dims in bf16, for 8 sequences x 768 tokens.
+    assert engine.kv_per_token == 2 * 28 * 2 * 128 * 2
+    assert engine.kv_needed == 8 * 768 * engine.kv_per_token
+    # vLLM's profile: 8192 tokens through an MLP (residual, hidden, gate/up, SiLU-and-mul, bf16)
+    # vs a sampler step over max_num_seqs = 8 rows of the 151,936-token vocabulary.
+    assert engine.workspace == max(8192 * 2 * (2 * 1536 + 3 * 8960), 8 * 151_936 * (2 + 32))
+    assert engine.total == math.ceil(0.3 * 24 * GiB)
+    assert engine.kv_cache == engine.total - engine.weights - engine.lora_slot - engine.workspace - ENGINE_FIXED
+    assert engine.starts and engine.waves == 1
+    # A card of 70 GiB or more profiles vLLM's larger default batch.
+    assert estimate(vllm_cfg(), shape, card=80 * GiB).engine.batched_tokens == 16384
+
+
+def test_vllm_backend_replaces_the_trainer_rollout_with_the_engine():
+    shape = model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    hf, vllm = (estimate(cfg, shape, card=12 * GiB) for cfg in (online_cfg(), vllm_cfg()))
+    assert hf.engine is None and hf.kv_cache > 0 and hf.generation_workspace > 0
+    # The trainer no longer generates; everything else of it is unchanged.
+    assert vllm.kv_cache == vllm.generation_workspace == vllm.generation == 0
+    assert (vllm.resident, vllm.training, vllm.trainer) == (hf.resident, hf.training, hf.trainer)
+    assert vllm.total == vllm.trainer + vllm.engine.total > hf.total
+    # TRL's spelling plans the same.
+    assert estimate(online_cfg(online={"use_vllm": True}), shape, card=12 * GiB) == vllm
+    # An offline config never has an engine.
+    offline = config_from_dict({"mode": "offline", "dataset_path": "unused", "model_path": "Qwen/Qwen2.5-1.5B-Instruct"})
+    assert estimate(offline, shape, group_size=4).engine is None
+
+
+def test_vllm_utilization_sets_the_engine_total():
+    shape = model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    low, high = (estimate(vllm_cfg(vllm_gpu_memory_utilization=u), shape, card=24 * GiB) for u in (0.3, 0.5))
+    assert high.engine.total - low.engine.total == math.ceil(0.5 * 24 * GiB) - math.ceil(0.3 * 24 * GiB)
+    assert high.total - low.total == high.engine.total - low.engine.total
+    assert high.engine.kv_cache - low.engine.kv_cache == high.engine.total - low.engine.total
+
+
+def test_vllm_sleep_mode_lowers_the_peak_to_the_larger_phase():
+    shape = model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    awake, asleep = (estimate(online_cfg(batch_size=5, online={"generation_backend": "vllm",
+                                                               "vllm_enable_sleep_mode": s}),
+                              shape, card=12 * GiB) for s in (False, True))
+    assert awake.total == awake.trainer + awake.engine.total
+    assert asleep.total == max(asleep.trainer + ENGINE_FIXED, asleep.resident + asleep.engine.total) < awake.total
+    # 40 sequences: training sets the peak. One prompt's 8: the rollout does.
+    assert asleep.total == asleep.trainer + ENGINE_FIXED
+    small = estimate(vllm_cfg(vllm_enable_sleep_mode=True), shape, card=12 * GiB)
+    assert small.total == small.resident + small.engine.total
+    # LoRA runs offload the weights to CPU RAM (level 1); full fine-tuning drops them (level 2).
+    assert asleep.engine.offloaded == asleep.engine.weights + asleep.engine.lora_slot
+    full = online_cfg(quantization={"load_in_4bit": False}, lora={"enabled": False},
+                      online={"generation_backend": "vllm", "vllm_enable_sleep_mode": True})
+    engine = estimate(full, shape, card=12 * GiB).engine
+    assert engine.lora_slot == engine.offloaded == 0 and engine.weights == 2 * shape.num_params
+
+
+def test_vllm_tensor_parallel_divides_the_engine_weights():
+    shape = model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    one, two = (estimate(vllm_cfg(vllm_tensor_parallel_size=tp), shape, card=12 * GiB).engine for tp in (1, 2))
+    assert two.weights == one.weights // 2 and two.lora_slot == one.lora_slot // 2
+    # Each GPU holds one of the 2 KV heads; with more GPUs than KV heads vLLM replicates them.
+    assert two.kv_per_token == one.kv_per_token // 2
+    four = estimate(vllm_cfg(vllm_tensor_parallel_size=4), shape, card=12 * GiB).engine
+    assert four.kv_per_token == two.kv_per_token and four.weights == one.weights // 4
+
+
+def test_vllm_max_model_length_decides_whether_vllm_starts():
+    shape = model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    default = estimate(vllm_cfg(vllm_gpu_memory_utilization=0.35), shape, card=12 * GiB)
+    assert default.engine.max_model_len == 768 and default.fits(12 * GiB)
+    # vLLM refuses to start unless its KV cache holds one max_model_len sequence: 32768 tokens
+    # need 0.88 GiB, more than the 0.35 x 12 GiB engine leaves after its weights and workspace.
+    long = estimate(vllm_cfg(vllm_gpu_memory_utilization=0.35, vllm_max_model_length=32768), shape, card=12 * GiB)
+    assert long.engine.start_total > long.engine.total >= default.engine.start_total
+    assert not long.engine.starts and long.engine.waves == 0
+    assert long.total == default.total and not long.fits(12 * GiB)
+    assert "less than one 32768-token sequence" in long.engine.problem()
+    # The fit search holds completions to the engine's length.
+    roomy = vllm_cfg(vllm_max_model_length=1024, vllm_gpu_memory_utilization=0.4)
+    assert fit_search(roomy, shape, 40 * GiB)["online.max_completion_length"] == 1024 - 256
+
+
+def test_vllm_waves_when_the_kv_cache_holds_part_of_a_micro_batch():
+    shape = model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    engine = estimate(vllm_cfg(num_generations=64, vllm_gpu_memory_utilization=0.35), shape, card=12 * GiB).engine
+    # 64 sequences x 768 tokens need 1.31 GiB of KV cache; 0.35 x 12 GiB leaves less.
+    assert engine.starts and engine.kv_cache < engine.kv_needed
+    at_once = engine.kv_cache // (768 * engine.kv_per_token)
+    assert engine.at_once == at_once < 64 and engine.waves == math.ceil(64 / at_once) > 1
+    assert engine.utilization_for(engine.one_wave_total) > 0.35
+
+
+def test_vllm_without_a_card_has_no_total():
+    plan = estimate(vllm_cfg(), model_shape("Qwen/Qwen2.5-1.5B-Instruct"))
+    assert plan.engine.total is None and plan.engine.kv_cache is None and not plan.engine.starts
+    with pytest.raises(ConfigError, match="--gpu-memory"):
+        plan.total
+    assert plan.trainer > 0 and plan.engine.start_total < plan.engine.one_wave_total
+
+
+def test_vllm_report_without_a_card_names_the_engine_share(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no local card to fall back on
+    text = plan_command(vllm_cfg(), None)
+    assert "trainer = resident + training" in text
+    assert "peak = trainer + 0.3 x card: pass --gpu-memory for the total" in text
+    assert re.search(r"the engine needs [\d.]+ GiB to start, [\d.]+ GiB to decode a micro-batch at once", text)
+    asleep = plan_command(vllm_cfg(vllm_enable_sleep_mode=True), None)
+    assert "peak = the larger of trainer + 0.25 and resident + 0.3 x card" in asleep
+
+
+def test_vllm_fit_search_is_monotone_and_finds_the_utilization():
+    cfg = vllm_cfg(vllm_enable_sleep_mode=True, vllm_gpu_memory_utilization=0.4)
+    shape = model_shape(cfg.model_path)
+    previous = None
+    for card in (8 * GiB, 12 * GiB, 24 * GiB):
+        found = fit_search(cfg, shape, card)
+        assert set(found) == {"online.num_generations", "online.max_completion_length", "batch_size",
+                              "online.vllm_gpu_memory_utilization"}
+        for key, value in found.items():
+            def plan(v, key=key):
+                changed = (dataclasses.replace(cfg, batch_size=v) if key == "batch_size" else
+                           dataclasses.replace(cfg, online=dataclasses.replace(cfg.online, **{key.split(".")[1]: v})))
+                return estimate(changed, shape, card=card)
+            step = 0.01 if key == "online.vllm_gpu_memory_utilization" else 1
+            if value:
+                assert plan(value).fits(card)
+            if key != "online.vllm_gpu_memory_utilization" or value < 1:
+                assert not plan(round(value + step, 2)).fits(card)
+            if previous is not None:
+                assert value >= previous[key]
+        previous = found
+    # Without sleep mode the engine's share comes on top of training: less fits.
+    awake = fit_search(vllm_cfg(vllm_gpu_memory_utilization=0.4), shape, 24 * GiB)
+    assert awake["batch_size"] < previous["batch_size"]
+    # An engine that cannot start fits nothing, whatever the batch.
+    assert fit_search(vllm_cfg(vllm_gpu_memory_utilization=0.1), shape, 12 * GiB)["batch_size"] == 0
+
+
+def test_vllm_report_shows_the_engine():
+    text = plan_command(vllm_cfg(vllm_enable_sleep_mode=True, vllm_gpu_memory_utilization=0.4), "12GiB")
+    for expected in ("engine (vLLM, colocated; sleep mode on)", "weights (bf16, the dequantized 4-bit base)",
+                     "LoRA slot (r=16, bf16)", "profiled workspace (8192 tokens, 8 rows)", "KV cache: the rest",
+                     "all 8 sequences at once", "total = 0.4 x card", "peak = resident + engine (rollout)",
+                     "offloads its", "online.vllm_gpu_memory_utilization", "fits"):
+        assert expected in text, expected
+    assert "rollout (generate, no grad)" not in text
+    table = text.split("  training = activations")[0]
+    values = [line for line in table.splitlines() if re.search(r"\d\.\d\d$", line)]
+    assert len(values) >= 14 and len({len(line) for line in values}) == 1
+    assert "sleep mode off" in plan_command(vllm_cfg(), "24GiB")
+    # Too small a share: one line says so, and nothing fits.
+    text = plan_command(vllm_cfg(vllm_gpu_memory_utilization=0.2), "12GiB")
+    problem = [line for line in text.splitlines() if line.startswith("  vLLM cannot start")]
+    assert len(problem) == 1 and "no room even for the engine's 2.91 GiB of weights; raise it to at least" in problem[0]
+    assert "does NOT fit: vLLM cannot start" in text and "batch_size                          none" in text
+
+
+# --------------------------------------------------------------------------------------------
 # --gpu-memory, the report and the CLI
 # --------------------------------------------------------------------------------------------
 
@@ -469,6 +644,10 @@ def test_presets_load_fit_their_card_and_quote_the_planner(name):
     header = path.read_text().split("\nmode:")[0]
     assert f"grpo-fast plan  --config configs/{name}" in header
     quoted = float(re.search(r"Planner estimate: ([\d.]+) GiB peak with SDPA", header).group(1))
-    plan = estimate(dataclasses.replace(cfg, attn_implementation="sdpa"), model_shape(cfg.model_path))
+    card = PRESETS[name]
+    plan = estimate(dataclasses.replace(cfg, attn_implementation="sdpa"), model_shape(cfg.model_path), card=card)
     assert quoted == round(plan.total / GiB, 2)
-    assert plan.total <= 0.85 * PRESETS[name]
+    assert plan.fits(card) and plan.total <= 0.85 * card
+    if plan.engine is not None:
+        # The engine decodes a whole micro-batch at once.
+        assert plan.engine.waves == 1

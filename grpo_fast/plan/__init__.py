@@ -3,15 +3,19 @@ or allocated.
 
     grpo-fast plan --config configs/qwen2.5-1.5b-gsm8k-qlora.yaml --gpu-memory 12GiB
 
-    from grpo_fast.plan import estimate, model_shape
+    from grpo_fast.plan import GiB, estimate, model_shape
     plan = estimate(cfg, model_shape(cfg.model_path))   # MemoryPlan, byte counts
     plan.total, plan.allocated
+    plan = estimate(cfg, shape, card=12 * GiB)          # generation_backend vllm: the engine
+    plan.engine.kv_cache, plan.engine.waves             # takes its fraction of the card
 
 Modules, in the order a plan is made:
   * shapes: the model's sizes, from a config file, a local directory, the Hugging Face cache or
     the shapes shipped in the package for known hub ids;
   * inputs: what the config implies: dtypes, the micro-batch, attention, LoRA targets;
   * formulas: the memory formulas (their derivation is that module's docstring);
+  * engine: the colocated vLLM engine of generation_backend vllm, which takes its fraction of
+    the card instead of the trainer generating;
   * fit: `--gpu-memory` sizes and the largest batch knobs that fit a card;
   * report: the `grpo-fast plan` text.
 
@@ -24,15 +28,16 @@ from .formulas import (
     MemoryPlan,
     estimate,
     layer_activation_bytes_per_token,
-    lora_param_count,
     weight_bytes,
 )
+from .engine import ENGINE_FIXED, EnginePlan, engine_plan
 from .fit import FIT_SEARCH_MAX, fit_search, parse_memory
 from .report import offline_group_size, plan_command
 from .shapes import HUB_SHAPES, SHAPES_DIR, ModelShape, model_shape, shape_from_config
 from .inputs import (
     Precision,
     Workload,
+    lora_param_count,
     lora_targets,
     planned_attention,
     planned_dtype,
@@ -41,9 +46,9 @@ from .inputs import (
 )
 
 __all__ = [
-    "CUDA_OVERHEAD", "FIT_SEARCH_MAX", "GiB", "HUB_SHAPES", "SHAPES_DIR",
-    "MemoryPlan", "ModelShape", "Precision", "Workload",
-    "estimate", "fit_search", "layer_activation_bytes_per_token", "lora_param_count",
+    "CUDA_OVERHEAD", "ENGINE_FIXED", "FIT_SEARCH_MAX", "GiB", "HUB_SHAPES", "SHAPES_DIR",
+    "EnginePlan", "MemoryPlan", "ModelShape", "Precision", "Workload",
+    "engine_plan", "estimate", "fit_search", "layer_activation_bytes_per_token", "lora_param_count",
     "lora_targets",
     "model_shape", "offline_group_size", "parse_memory", "plan_command", "planned_attention",
     "planned_dtype", "precision", "shape_from_config", "weight_bytes", "workload",

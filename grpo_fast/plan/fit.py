@@ -5,7 +5,12 @@ each batch knob whose planned peak fits in it.
     fit_search(cfg, shape, parse_memory("12GiB"))   # {"batch_size": 6, ...}
 
 Each knob is searched with the others as configured; the plan's total grows monotonically in
-each of them, so a binary search finds the boundary.
+each of them, so a binary search finds the boundary. With a vLLM engine a value fits when the
+total does and vLLM starts (its KV cache holds one max_model_len sequence), which only gets
+harder as a knob grows: the search stays a binary one. The engine's fraction of the card,
+online.vllm_gpu_memory_utilization, is searched too, in hundredths: the total grows with it,
+and vLLM starting only gets easier, so the largest fraction that fits is the answer unless
+the engine cannot start even there.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import re
 from typing import Optional
 
 from ..config import Config, ConfigError
+from .engine import uses_engine
 from .formulas import estimate
 from .shapes import ModelShape
 
@@ -54,29 +60,44 @@ def _largest_fitting(fits, low: int, high: int) -> int:
     return low
 
 
+def _changed(cfg: Config, key: str, value) -> Config:
+    if key == "batch_size":
+        return dataclasses.replace(cfg, batch_size=value)
+    return dataclasses.replace(cfg, online=dataclasses.replace(cfg.online, **{key.split(".")[1]: value}))
+
+
 def fit_search(cfg: Config, shape: ModelShape, budget: int, *,
-               group_size: Optional[int] = None) -> dict[str, int]:
-    """For each knob (dotted config key), the largest value whose plan total fits in `budget`
-    bytes with every other key as configured; 0 when not even 1 fits. Online: num_generations,
-    max_completion_length (up to the model's context), batch_size; offline: batch_size."""
+               group_size: Optional[int] = None) -> dict[str, float]:
+    """For each knob (dotted config key), the largest value whose plan fits in `budget` bytes
+    (the card's memory) with every other key as configured; 0 when not even 1 fits. Online:
+    num_generations, max_completion_length (up to the model's context, or to
+    vllm_max_model_length when set), batch_size; offline: batch_size. With
+    generation_backend vllm also vllm_gpu_memory_utilization, in hundredths (0: none)."""
 
     def fits_with(key: str):
         def fits(value: int) -> bool:
-            if key == "batch_size":
-                changed = dataclasses.replace(cfg, batch_size=value)
-            else:
-                changed = dataclasses.replace(
-                    cfg, online=dataclasses.replace(cfg.online, **{key.split(".")[1]: value}))
-            return estimate(changed, shape, group_size=group_size).total <= budget
+            return estimate(_changed(cfg, key, value), shape, group_size=group_size, card=budget).fits(budget)
         return fits
 
-    results = {}
+    results: dict[str, float] = {}
     if cfg.mode == "online":
+        o = cfg.online
         results["online.num_generations"] = _largest_fitting(
             fits_with("online.num_generations"), 1, FIT_SEARCH_MAX)
         context = shape.max_position_embeddings or FIT_SEARCH_MAX
-        max_completion = max(1, context - cfg.online.max_prompt_length)
+        if uses_engine(cfg) and o.vllm_max_model_length:
+            # The engine serves no longer sequence: config validation holds completions to it.
+            context = min(context, o.vllm_max_model_length)
+        max_completion = max(1, context - o.max_prompt_length)
         results["online.max_completion_length"] = _largest_fitting(
             fits_with("online.max_completion_length"), 1, max_completion)
     results["batch_size"] = _largest_fitting(fits_with("batch_size"), 1, FIT_SEARCH_MAX)
+    if uses_engine(cfg):
+        key = "online.vllm_gpu_memory_utilization"
+
+        def total_fits(percent: int) -> bool:
+            return estimate(_changed(cfg, key, percent / 100), shape, card=budget).total <= budget
+        largest = _largest_fitting(total_fits, 1, 100)
+        ok = largest and estimate(_changed(cfg, key, largest / 100), shape, card=budget).engine.starts
+        results[key] = largest / 100 if ok else 0
     return results

@@ -38,8 +38,8 @@ Resident for the whole run:
     `torch.cuda.max_memory_allocated`; `MemoryPlan.allocated` leaves it out for that comparison.
 
 Phases; the peak is resident + the largest phase (the caching allocator reuses a phase's blocks
-in the next):
-  * Rollout (no grad, online only): KV cache 2 x L x kv x s bytes per token (k and v of every
+in the next), plus the engine with generation_backend vllm (grpo_fast.plan.engine):
+  * Rollout (no grad, online only, generation_backend hf; a vLLM engine generates instead): KV cache 2 x L x kv x s bytes per token (k and v of every
     layer, in the stream dtype) for S x T tokens; plus the larger of the prefill (cache for S x P
     prompt tokens + one layer's working set) and the last decode step (full cache + a copy of
     one layer's k or v from DynamicCache's torch.cat + sampling: S x V x 4 bytes x 4 for the fp32
@@ -97,7 +97,8 @@ stored log-probs (S x T x 4 bytes each).
 
 Tests: tests/test_plan.py: the arithmetic on known shapes; the per-layer formula against the
 tensors autograd actually saves; the rollout and training phases against the CPU profiler's
-peak of a small QLoRA model (generation within 3%; training an upper bound within 25%).
+peak of a small QLoRA model (generation within 3%; training an upper bound within 25%); the
+vLLM engine's arithmetic and how each of its config keys moves the plan.
 """
 
 from __future__ import annotations
@@ -106,12 +107,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import Config
+from ..config import Config, ConfigError
+from .engine import EnginePlan, engine_plan
 from .shapes import ATTN_IN, MLP_IN, ModelShape
-from .inputs import (DTYPE_BYTES, lora_targets, planned_attention, planned_dtype, precision,
+from .inputs import (DTYPE_BYTES, GiB, lora_targets, planned_attention, planned_dtype, precision,
                        quantized, scores_without_grad, workload)
-
-GiB = 1 << 30
 
 # CUDA context (~0.3-0.4 GiB with lazy module loading) + caching-allocator fragmentation.
 CUDA_OVERHEAD = GiB // 2
@@ -156,6 +156,9 @@ class MemoryPlan:
     logprob_step: int
     # what full logits would need instead of logprob_step (not counted)
     full_logits: int
+    # the colocated vLLM engine (generation_backend vllm; kv_cache and generation_workspace are
+    # then 0: the trainer does not generate)
+    engine: Optional[EnginePlan] = None
 
     @property
     def activations(self) -> int:
@@ -177,13 +180,31 @@ class MemoryPlan:
         return self.activations + self.gradients + max(self.logprob_step, self.backward_workspace)
 
     @property
-    def total(self) -> int:
+    def trainer(self) -> int:
+        """The trainer's own peak: resident + its largest phase."""
         return self.resident + max(self.generation, self.scoring, self.training)
+
+    @property
+    def total(self) -> int:
+        """The peak on the card; with a vLLM engine, how the two add up (grpo_fast.plan.engine)."""
+        engine = self.engine
+        if engine is None:
+            return self.trainer
+        if engine.total is None:
+            raise ConfigError("--gpu-memory: needed for a vLLM plan: the engine takes "
+                              "online.vllm_gpu_memory_utilization of the card's memory")
+        if engine.sleep_mode:
+            return max(self.trainer + engine.asleep, self.resident + engine.total)
+        return self.trainer + engine.total
 
     @property
     def allocated(self) -> int:
         """The total as `torch.cuda.max_memory_allocated` sees it (no context, no slack)."""
         return self.total - self.cuda_overhead
+
+    def fits(self, budget: int) -> bool:
+        """Whether the peak fits in `budget` bytes, and a vLLM engine starts in it."""
+        return self.total <= budget and (self.engine is None or self.engine.starts)
 
 
 def quantized_linear_bytes(numel: int, out_features: int, cfg: Config) -> float:
@@ -206,12 +227,6 @@ def weight_bytes(cfg: Config, shape: ModelShape) -> int:
     linears = shape.num_layers * sum(quantized_linear_bytes(a * b, b, cfg)
                                      for a, b in shape.linear_shapes().values())
     return int(linears + shape.unquantized_params * p.weight)
-
-
-def lora_param_count(cfg: Config, shape: ModelShape) -> int:
-    r = cfg.lora.r
-    dims = shape.linear_shapes()
-    return shape.num_layers * sum(r * (dims[m][0] + dims[m][1]) for m in lora_targets(cfg))
 
 
 def _optimizer_bytes(cfg: Config, tensor_sizes: list[int], param_bytes: int) -> int:
@@ -317,10 +332,12 @@ def _kernel_bytes(cfg: Config, shape: ModelShape, scored_tokens: int, backward: 
     return total
 
 
-def estimate(cfg: Config, shape: ModelShape, *, group_size: Optional[int] = None) -> MemoryPlan:
+def estimate(cfg: Config, shape: ModelShape, *, group_size: Optional[int] = None,
+             card: Optional[int] = None) -> MemoryPlan:
     """Peak GPU memory of the config's training step, by component (pure arithmetic).
 
-    `group_size`: completions per group, needed for offline configs only."""
+    `group_size`: completions per group, needed for offline configs only. `card`: the GPU's
+    memory in bytes, which a vLLM engine takes its fraction of (without it, no total)."""
     p = precision(cfg)
     work = workload(cfg, group_size)
     S, T, n, n_c = work.sequences, work.seq_len, work.tokens, work.scored_tokens
@@ -342,8 +359,9 @@ def estimate(cfg: Config, shape: ModelShape, *, group_size: Optional[int] = None
     largest_linear = max(a * b for a, b in shape.linear_shapes().values())
     dequant = largest_linear * max(p.compute, s) if quantized(cfg) else 0
 
+    engine = engine_plan(cfg, shape, card)
     kv_per_token = 2 * L * shape.kv_dim * s
-    if work.generates:
+    if work.generates and engine is None:
         kv_cache = S * T * kv_per_token
         prefill = (S * work.prompt_tokens * kv_per_token
                    + _forward_workspace(cfg, shape, S, work.prompt_tokens))
@@ -382,4 +400,5 @@ def estimate(cfg: Config, shape: ModelShape, *, group_size: Optional[int] = None
         gradients=int(gradients),
         logprob_step=int(_kernel_bytes(cfg, shape, n_c, backward=True)),
         full_logits=int(n_c * shape.vocab_size * 4 * FULL_LOGITS_COPIES),
+        engine=engine,
     )

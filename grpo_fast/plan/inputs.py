@@ -29,12 +29,14 @@ import torch
 
 from ..config import Config, ConfigError
 from ..modeling import resolve_attn_implementation, resolve_dtype
-from .shapes import LINEARS
+from .shapes import LINEARS, ModelShape
 
 # Only its type matters: nothing is allocated or initialized on it.
 PLANNED_DEVICE = torch.device("cuda")
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+GiB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,13 @@ def lora_targets(cfg: Config) -> tuple[str, ...]:
         raise ConfigError(f"lora.target_modules: the planner models LoRA on {', '.join(LINEARS)} "
                           f"(or all-linear); cannot plan for {', '.join(unknown)}")
     return tuple(m for m in LINEARS if m in chosen)
+
+
+def lora_param_count(cfg: Config, shape: ModelShape, rank: Optional[int] = None) -> int:
+    """Parameters of the config's LoRA adapters, at lora.r or at `rank` (a vLLM slot's rank)."""
+    r = cfg.lora.r if rank is None else rank
+    dims = shape.linear_shapes()
+    return shape.num_layers * sum(r * (dims[m][0] + dims[m][1]) for m in lora_targets(cfg))
 
 
 def workload(cfg: Config, group_size: Optional[int] = None) -> Workload:

@@ -66,6 +66,19 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 CPU_KV_HEADROOM, CPU_KV_MIN_BYTES = 2, 64 << 20
 
 
+# Most sequences the engine decodes at once (its max_num_seqs): beyond it vLLM schedules waves.
+MAX_NUM_SEQS = 1024
+
+
+def engine_max_num_seqs(cfg) -> int:
+    """The engine's max_num_seqs: the rows of its largest generate call, a rollout micro-batch
+    or (with eval_steps > 0) the eval batch, at most MAX_NUM_SEQS (the planner reads it too)."""
+    o = cfg.online
+    rows = max(cfg.batch_size * o.num_generations,
+               o.eval_max_samples * (o.num_generations_eval or 1) if o.eval_steps > 0 else 0)
+    return min(rows, MAX_NUM_SEQS)
+
+
 def _model_config(model_path: str) -> Optional[dict]:
     """The model's config.json as a dict when it is on this machine (a config file or a local
     directory), else None (a hub id: vLLM's own error names what it cannot run)."""
@@ -154,11 +167,10 @@ class VLLMBackend(RolloutBackend):
         # warms its chat template up at start and warns, with a traceback, when it has none.
         self.tokenizer.save_pretrained(str(engine_dir))
         max_len = o.vllm_max_model_length or o.max_prompt_length + o.max_completion_length
-        rows = max(cfg.batch_size * o.num_generations,
-                   o.eval_max_samples * (o.num_generations_eval or 1) if o.eval_steps > 0 else 0)
+        rows = engine_max_num_seqs(cfg)
         kwargs = dict(model=str(engine_dir), load_format="dummy",
                       dtype=str(base.dtype).removeprefix("torch."), seed=cfg.seed, max_model_len=max_len,
-                      max_num_seqs=min(rows, 1024), generation_config="vllm",
+                      max_num_seqs=rows, generation_config="vllm",
                       # The log-probs after temperature (and any top-k / top-p), as TRL takes them:
                       # the trainer scores the temperature-scaled distribution.
                       logprobs_mode="processed_logprobs",
@@ -269,6 +281,9 @@ class VLLMBackend(RolloutBackend):
         requests = [TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
                     for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         if self.sleep:
+            # vLLM's sleep-mode allocator cannot use blocks torch's caching allocator holds: hand
+            # the training phase's cached memory back first, or waking may not fit.
+            torch.cuda.empty_cache()
             self.llm.wake_up()
         if self.stale:
             self._sync(self.model)

@@ -29,6 +29,7 @@ tests/test_online.py and tests/test_wiring.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
+from . import distributed
 from .config import Config
 from .data import PromptStream, prompt_records, reward_inputs
 from .errors import TrainingStopped
@@ -57,9 +59,8 @@ from .rewards import TrainerState as RewardTrainerState
 from .rollout import Rollout, completion_metrics, eos_token_ids, make_backend
 from .trackers import open_tracker
 from .rundir import (COMPLETIONS_FILE, CONFIG_FILE, METRICS_FILE, ONLINE_CHECKPOINT_FILES, ONLINE_STATE_FILE,
-                     JsonlWriter,
-                     atomic_directory, load_rng_state, load_torch_state, read_jsonl, rotate_checkpoints,
-                     save_final, save_rng_state, truncate_jsonl)
+                     JsonlWriter, atomic_directory, capture_rng_state, load_rng_state, load_torch_state, read_jsonl,
+                     rotate_checkpoints, save_final, save_rng_state, truncate_jsonl)
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ def _nanmean(values: list[float]) -> float:
 
 
 def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Each key's NaN-ignoring mean over metric dicts with the same keys (none: empty)."""
-    return {k: _nanmean([row[k] for row in rows]) for k in (rows[0] if rows else {})}
+    """Each key's NaN-ignoring mean over the metric dicts that have it."""
+    keys = dict.fromkeys(k for row in rows for k in row)
+    return {k: _nanmean([row[k] for row in rows if k in row]) for k in keys}
 
 
 @dataclass
@@ -98,12 +100,24 @@ class OnlineTrainer:
         # Every path, the reward functions and the output directory are checked before any model
         # loads; nothing is written before that.
         resume_dir, self.reward_fns = checked or preflight(cfg, resume, ONLINE_CHECKPOINT_FILES)
-        set_seed(cfg.seed)
-        self.device = default_device()
+        # Under torchrun / accelerate launch: one rank per process, each sampling its own share
+        # of a step's prompts (grpo_fast.distributed); a world of one otherwise.
+        self.world = distributed.setup()
+        # Each rank its own sampling stream (the weights are seeded apart from it, and DDP
+        # starts every rank from rank 0's).
+        set_seed(cfg.seed + self.world.rank)
+        self.device = default_device() if self.world.size == 1 or not torch.cuda.is_available() else \
+            torch.device("cuda", self.world.local_rank)
         self.model, self.tokenizer = load_model_and_tokenizer(
             cfg, device=self.device, adapter_path=str(resume_dir) if resume_dir else None,
-            output_dir=cfg.output_dir)
+            output_dir=cfg.output_dir if self.world.main else None)
         self.model.train()
+        # What the training passes run: the model, or its DDP wrapper, whose backward all-reduces
+        # (averages) the gradients across ranks. Everything else uses the model itself.
+        self.train_model = self.model
+        if self.world.size > 1:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.ref_model = None
         if self.o.beta > 0 and not cfg.lora.enabled:
             # Full fine-tuning has no adapter to switch off: the reference is the starting
@@ -144,10 +158,11 @@ class OnlineTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         if resume_dir:
             self.load_checkpoint(resume_dir)
+        # One stream, the same on every rank: each takes the whole step's prompts, keeps its share.
         self.stream = PromptStream(len(self.prompts), cfg.seed, self.state.prompts_consumed)
         self.metrics_log = JsonlWriter(self.out / METRICS_FILE)
         self.completions_log = JsonlWriter(self.out / COMPLETIONS_FILE)
-        self.tracker = open_tracker(cfg, self.out)
+        self.tracker = open_tracker(cfg, self.out) if self.world.main else None
 
     # ---------------------------------------------------------------------------------------
     # One step
@@ -196,9 +211,11 @@ class OnlineTrainer:
         except ValueError as e:  # a reward function returned something unusable (NaN, wrong count)
             raise TrainingStopped(f"step {self.state.step + 1}: {e}") from None
 
-        # 3. Group-relative advantages; the step's groups are adjacent, so scale="batch" sees
-        #    every micro-batch's rewards.
-        advantages = group_advantages(rewards, G, scale=o.scale_rewards)                # (ga*B*G,)
+        # 3. Group-relative advantages over the whole step, every rank's rewards in rank order
+        #    (a group never straddles ranks), so scale="batch" sees every micro-batch's rewards.
+        n, rank = rewards.numel(), self.world.rank
+        everyone = distributed.gather_tensor(self.world, rewards)                       # (world*ga*B*G,)
+        advantages = group_advantages(everyone, G, scale=o.scale_rewards)[rank * n:(rank + 1) * n]  # (ga*B*G,)
         advantages = advantages.to(self.device).split(cfg.batch_size * G)               # ga x (B*G,)
         time_rollout = time.perf_counter() - t_rollout
 
@@ -208,7 +225,8 @@ class OnlineTrainer:
         #    the loss and the gradient, its tokens being counted in num_items already: the passes
         #    below skip it (often a third of the rows or more).
         t_train = time.perf_counter()
-        num_items = int(sum(self.loss_mask(r).sum() for r in rolls))
+        # The step's completion tokens on every rank: a global normalizer counts them all.
+        num_items = int(distributed.sum_across(self.world, sum(self.loss_mask(r).sum() for r in rolls)))
         batches = list(zip(rolls, advantages))
         # (Not under top_entropy_quantile < 1: its quantile is over the whole micro-batch's tokens.)
         if o.beta == 0 and self.loss_type.global_normalizer and o.top_entropy_quantile == 1.0:
@@ -229,7 +247,10 @@ class OnlineTrainer:
         sampling_weights: list[Optional[Tensor]] = [None] * ga
         for _ in range(mu):
             for k, ((roll, adv), mask, old_lp, ref_lp) in enumerate(zip(batches, masks, old, ref)):
-                logps, entropy = self.completion_logps(self.model, roll)                # (k, C) x2
+                # DDP all-reduces in the backward of the pass's last micro-batch only.
+                sync = self.world.size == 1 or k == len(batches) - 1
+                with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                    logps, entropy = self.completion_logps(self.train_model, roll)      # (k, C) x2
                 if self.correct_sampling and roll.sampler_logps is not None and sampling_weights[k] is None:
                     # An engine sampled the rows: weigh each by how much likelier the trainer's
                     # policy at sampling time (old, or this very forward when mu = 1) finds it.
@@ -251,7 +272,11 @@ class OnlineTrainer:
                 # micro-batch losses simply add up.
                 if not self.loss_type.global_normalizer:
                     loss = loss / ga
-                self.scaler.scale(loss).backward()
+                else:
+                    # DDP averages the ranks' gradients; a global normalizer wants their sum.
+                    loss = loss * self.world.size
+                with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                    self.scaler.scale(loss).backward()
                 loss_sum += loss.detach()
                 entropy_sum += (entropy * roll.completion_mask).sum()
                 loss_metrics.append(metrics)
@@ -292,7 +317,27 @@ class OnlineTrainer:
         samples = {"prompts": prompts, "texts": texts, "rewards": rewards.tolist(),
                    "per_fn": per_fn.tolist(), "advantages": torch.cat(advantages).tolist(),
                    "extra": reward_logs.extra}
+        if self.world.size > 1:
+            out, samples = self.across_ranks(out, samples, lengths, terminated)
         return out, samples
+
+    def across_ranks(self, out: dict, samples: dict, lengths: Tensor, terminated: Tensor) -> tuple[dict, dict]:
+        """The step's metrics and samples over every rank: reward and length statistics from all
+        completions, the other metrics averaged (each rank's loss is already its share of the
+        step's), the samples concatenated in rank order."""
+        rows = distributed.gather_objects(self.world, (out, samples, lengths.tolist(), terminated.tolist()))
+        merged = {k: [v for _, s, _, _ in rows for v in s[k]] for k in ("prompts", "texts", "rewards", "per_fn",
+                                                                          "advantages")}
+        columns = dict.fromkeys(c for _, s, _, _ in rows for c in s["extra"])
+        merged["extra"] = {c: [v for _, s, _, _ in rows for v in s["extra"].get(c, [None] * len(s["texts"]))]
+                           for c in columns}
+        per_fn, rewards = torch.tensor(merged["per_fn"]), torch.tensor(merged["rewards"])
+        metrics = {**_mean_rows([o for o, _, _, _ in rows]),
+                   **reward_metrics(per_fn, rewards, self.reward_fns),
+                   **completion_metrics(torch.tensor([n for _, _, ls, _ in rows for n in ls]),
+                                        torch.tensor([t for _, _, _, ts in rows for t in ts])),
+                   "frac_reward_zero_std": zero_std_fraction(rewards, self.o.num_generations)}
+        return metrics, merged
 
     def loss_mask(self, roll: Rollout) -> Tensor:
         """(N, C) the completion tokens the loss counts: all of them, or with
@@ -321,7 +366,9 @@ class OnlineTrainer:
         bar = tqdm(total=self.total_steps, initial=state.step, desc="online GRPO", dynamic_ncols=True)
         try:
             while state.step < self.total_steps:
-                records = [self.prompts[i] for i in self.stream.take(prompts_per_step)]
+                share = self.stream.take(prompts_per_step * self.world.size)
+                rank = self.world.rank
+                records = [self.prompts[i] for i in share[rank * prompts_per_step:(rank + 1) * prompts_per_step]]
                 metrics, samples = self.step(records)
                 state.step += 1
                 state.prompts_consumed = self.stream.position
@@ -350,7 +397,9 @@ class OnlineTrainer:
             self.backend.close()
             if self.tracker is not None:
                 self.tracker.close()
-        save_final(cfg, self.model, self.tokenizer, cfg.output_dir)
+        if self.world.main:
+            save_final(cfg, self.model, self.tokenizer, cfg.output_dir)
+        distributed.barrier(self.world)
         summary = {"global_step": state.step, "train_runtime": time.perf_counter() - start,
                    **reward_summary(self.out / METRICS_FILE)}
         if "reward_first" in summary:
@@ -362,6 +411,8 @@ class OnlineTrainer:
     def log_row(self, logs: dict[str, float]) -> None:
         """One metrics row: metrics.jsonl (as the offline MetricsFileCallback writes it), the
         report_to tracker, and the log."""
+        if not self.world.main:
+            return
         logs = {**logs, "epoch": round(self.stream.epoch, 4)}
         self.metrics_log.write({"step": self.state.step, "time": round(time.time(), 3), **logs})
         if self.tracker is not None:
@@ -372,6 +423,8 @@ class OnlineTrainer:
 
     def log_completions(self, samples: dict) -> None:
         """Every completion of this step with its rewards to completions.jsonl; a few to the log."""
+        if not self.world.main:
+            return
         names = [r.name for r in self.reward_fns]
         self.completions_log.write_many([
             {"step": self.state.step, "prompt": prompt, "completion": text,
@@ -385,7 +438,15 @@ class OnlineTrainer:
                         samples["prompts"][i][-60:], samples["texts"][i][:120])
 
     def evaluate(self, records: list[dict]) -> dict[str, float]:
-        return greedy_eval(self.backend, self.reward_fns, records)
+        """greedy_eval of `records`, each rank scoring its share: the metrics are means over
+        records, so the ranks' means weighted by their counts are the whole set's."""
+        if self.world.size == 1:
+            return greedy_eval(self.backend, self.reward_fns, records)
+        mine = records[self.world.rank::self.world.size]
+        rows = distributed.gather_objects(self.world, (greedy_eval(self.backend, self.reward_fns, mine) if mine
+                                                       else {}, len(mine)))
+        total = sum(count for _, count in rows)
+        return {k: sum(m[k] * count for m, count in rows if count) / total for k in next(m for m, c in rows if c)}
 
     # ---------------------------------------------------------------------------------------
     # Checkpoints
@@ -395,16 +456,21 @@ class OnlineTrainer:
         """Write checkpoint-<step>/ atomically (rundir.atomic_directory: a kill mid-save never
         leaves a half checkpoint for --resume), then rotate."""
         final = self.out / f"checkpoint-{self.state.step}"
-        with atomic_directory(final) as tmp:
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
-            save_rng_state(tmp)
-            (tmp / ONLINE_STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
-        rotate_checkpoints(self.out, self.cfg.save_total_limit)
-        logger.info("saved %s", final)
+        # Every rank's RNG state (its own sampling stream); the weights and optimizer states are
+        # the same on every rank, so the main process writes the checkpoint alone.
+        rng_states = distributed.gather_objects(self.world, capture_rng_state())
+        if self.world.main:
+            with atomic_directory(final) as tmp:
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
+                save_rng_state(tmp, rng_states)
+                (tmp / ONLINE_STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
+            rotate_checkpoints(self.out, self.cfg.save_total_limit)
+            logger.info("saved %s", final)
+        distributed.barrier(self.world)
         return final
 
     def load_checkpoint(self, ckpt: Path) -> None:
@@ -415,9 +481,10 @@ class OnlineTrainer:
         self.scheduler.load_state_dict(load_torch_state(ckpt / "scheduler.pt"))
         if (ckpt / "scaler.pt").is_file():
             self.scaler.load_state_dict(load_torch_state(ckpt / "scaler.pt"))
-        load_rng_state(ckpt)
-        for name in (METRICS_FILE, COMPLETIONS_FILE):
-            truncate_jsonl(self.out / name, self.state.step)
+        load_rng_state(ckpt, self.world.rank)
+        if self.world.main:
+            for name in (METRICS_FILE, COMPLETIONS_FILE):
+                truncate_jsonl(self.out / name, self.state.step)
         logger.info("resumed from %s at step %d of %d", ckpt, self.state.step, self.total_steps)
 
 

@@ -244,11 +244,10 @@ def truncate_jsonl(path: Path, step: int) -> None:
 # RNG states, without pickle
 # ---------------------------------------------------------------------------------------------
 
-def save_rng_state(directory: Path) -> None:
-    """Python's, numpy's, torch's and CUDA's RNG states as safetensors + JSON."""
+def capture_rng_state() -> tuple[dict, dict]:
+    """This process's Python, numpy, torch and CUDA RNG states as (tensors, JSON-able dict)."""
     import numpy as np
     import torch
-    from safetensors.torch import save_file
 
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -256,19 +255,38 @@ def save_rng_state(directory: Path) -> None:
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda_{i}"] = state
-    save_file(tensors, str(directory / RNG_TENSORS))
-    (directory / RNG_JSON).write_text(json.dumps({
-        "python": {"version": version, "state": list(mt), "gauss": gauss},
-        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}}))
+    meta = {"python": {"version": version, "state": list(mt), "gauss": gauss},
+            "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}}
+    return tensors, meta
 
 
-def load_rng_state(directory: Path) -> None:
+def _rng_files(directory: Path, rank: int) -> tuple[Path, Path]:
+    """Rank 0's files keep the single-process names; rank r's add `-rank<r>`."""
+    suffix = "" if rank == 0 else f"-rank{rank}"
+    return (directory / RNG_TENSORS.replace(".safetensors", f"{suffix}.safetensors"),
+            directory / RNG_JSON.replace(".json", f"{suffix}.json"))
+
+
+def save_rng_state(directory: Path, states: Optional[list[tuple[dict, dict]]] = None) -> None:
+    """RNG states as safetensors + JSON (no pickle): this process's, or `states[r]` of every rank r
+    (`capture_rng_state` gathered by the main process, which writes the checkpoint)."""
+    from safetensors.torch import save_file
+
+    for rank, (tensors, meta) in enumerate(states or [capture_rng_state()]):
+        tensor_file, json_file = _rng_files(directory, rank)
+        save_file(tensors, str(tensor_file))
+        json_file.write_text(json.dumps(meta))
+
+
+def load_rng_state(directory: Path, rank: int = 0) -> None:
+    """Restore the RNG states `save_rng_state` wrote for `rank`."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
 
-    tensors = load_file(str(directory / RNG_TENSORS))
-    meta = json.loads((directory / RNG_JSON).read_text())
+    tensor_file, json_file = _rng_files(directory, rank)
+    tensors = load_file(str(tensor_file))
+    meta = json.loads(json_file.read_text())
     py = meta["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     nps = meta["numpy"]

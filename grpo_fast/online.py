@@ -363,7 +363,8 @@ class OnlineTrainer:
             logger.info("the run in %s already finished at step %d of %d: nothing to do (raise "
                         "max_steps or num_epochs to train further)", self.out, state.step, self.total_steps)
             return {"global_step": state.step, "train_runtime": 0.0, **reward_summary(self.out / METRICS_FILE)}
-        bar = tqdm(total=self.total_steps, initial=state.step, desc="online GRPO", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=state.step, desc="online GRPO", dynamic_ncols=True,
+                   disable=not self.world.main)
         try:
             while state.step < self.total_steps:
                 share = self.stream.take(prompts_per_step * self.world.size)

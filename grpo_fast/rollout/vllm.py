@@ -103,6 +103,10 @@ class VLLMBackend(RolloutBackend):
         if importlib.util.find_spec("vllm") is None:
             raise ValueError(f"online.generation_backend: vllm needs the vllm package: {INSTALL_HINT}")
         sampling_settings(o, "vllm")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # vLLM would join (and size itself by) the trainer's process group.
+            raise ValueError("online.generation_backend: vllm is not supported yet under several processes "
+                             "(torchrun / accelerate launch): use hf there")
         if cfg.quantization.load_in_8bit:
             raise ValueError("quantization.load_in_8bit: not supported with generation_backend vllm "
                              "(use load_in_4bit: the engine gets the dequantized base)")

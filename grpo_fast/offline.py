@@ -9,6 +9,18 @@ reference, the same model with its adapter disabled) -> backward -> optimizer st
 `report_to` and accelerate as users expect; `metrics.jsonl` mirrors every logged row.
 Checkpoints are written atomically (rundir.atomic_directory) and `--resume` takes the newest
 complete one; resuming a finished run does nothing.
+
+Data-parallel through HF's own distributed support (gloo on CPU, NCCL on GPUs):
+
+    torchrun --nproc_per_node 2 --no-python grpo-fast train --config configs/tiny-offline.yaml
+    accelerate launch --multi_gpu --num_processes 2 --no_python grpo-fast train --config ...
+
+(accelerate's --multi_gpu is its torchrun launcher, CPU processes included; without it, and
+without an accelerate config, it starts one process.)
+
+`batch_size` is per process: N processes at batch_size b train on the same global batches, in the
+same order, as one process at N*b (tests/test_offline_ddp.py). The main process alone writes the
+base model, metrics.jsonl, checkpoint renames and the final adapter; the others log warnings only.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
+import datasets
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -85,13 +98,18 @@ def training_arguments(cfg: Config, **overrides: Any) -> TrainingArguments:
         # The collator builds padded tensors; worker processes would only add start-up time.
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # Every trainable parameter (the adapters, or the whole model) reaches every step's loss,
+        # so DDP need not search the graph for unused ones each backward (HF's default for a
+        # PeftModel); a parameter that misses a gradient is then DDP's error, not a silent drift.
+        ddp_find_unused_parameters=False,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
 
 class GRPOTrainerMixin:
-    """Per-step metric accumulation, averaged into each log row (TRL's naming)."""
+    """Per-step metric accumulation, averaged into each log row (TRL's naming); under data
+    parallelism over every process's micro-batches, as one process would over all of them."""
 
     def _init_metrics(self) -> None:
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -102,9 +120,15 @@ class GRPOTrainerMixin:
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if self.model.training and self._metrics:
-            for k, values in self._metrics.items():
-                finite = [v for v in values if v == v]
-                logs[k] = sum(finite) / len(finite) if finite else float("nan")
+            # Every process logs at the same steps with the same keys, so the reduce is matched.
+            keys = sorted(self._metrics)
+            finite = [[v for v in self._metrics[k] if v == v] for k in keys]
+            sums = torch.tensor([[sum(f), len(f)] for f in finite], dtype=torch.float64,
+                                device=self.args.device)                           # (keys, 2)
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            for k, (total, n) in zip(keys, sums.tolist()):
+                logs[k] = total / n if n else float("nan")
             self._metrics.clear()
         super().log(logs, start_time)
 
@@ -122,6 +146,12 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
                                        backend=self.cfg.logprob_backend,
                                        shared_prompt=self.cfg.offline.shared_prompt)  # (B, K)
 
+    def autocast_smart_context_manager(self, cache_enabled: Optional[bool] = True):
+        """`mixed_precision`'s autocast around compute_loss. HF leaves autocast to accelerate,
+        which installs it on the model's forward, and the log-prob path never calls that forward:
+        it runs the decoder and the LM head itself (grpo_fast.logprobs)."""
+        return self.accelerator.autocast()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         off = self.cfg.offline
         scores, group_mask = inputs["scores"], inputs["group_mask"]       # (B, K)
@@ -135,9 +165,12 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
                                    score_temperature=off.score_temperature)
         if off.beta > 0:
             # Reference = the same weights with the LoRA adapter off: no second copy in memory.
-            ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+            # No backward follows it, so it runs on the model inside a DDP wrapper (which has no
+            # disable_adapter: looking for it on the wrapper would make the reference the policy).
+            inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+            ctx = inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
             with torch.no_grad(), ctx:
-                ref_logps = self.group_logprobs(model, inputs)
+                ref_logps = self.group_logprobs(inner, inputs)
             # KL(p_ref || p) between the reference's and the policy's group distributions.
             ref_kl = listwise_kl_loss(seq_logps, ref_logps, group_mask,
                                       policy_temperature=off.policy_temperature,
@@ -160,21 +193,31 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """HF writes checkpoint-<step>/ in place, so a kill mid-save leaves a half checkpoint
         that breaks every later --resume. Here it writes into a staging directory, renamed into
-        place once complete (what the online trainer's rundir.atomic_directory does)."""
+        place once complete (what the online trainer's rundir.atomic_directory does).
+
+        Under data parallelism every process writes into it (its own rng_state_<rank>.pth; the
+        main process the rest), so only the main process clears and renames it, with every
+        process's writes finished before the rename and the rename before anyone goes on."""
         out = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
         staging = out / f"{TMP_PREFIX}{name}"
-        shutil.rmtree(staging, ignore_errors=True)
+        main = self.args.should_save
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self.args.output_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = str(out)
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-        os.replace(staging / name, out / name)
-        shutil.rmtree(staging)
-        rotate_checkpoints(out, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        if main:
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            os.replace(staging / name, out / name)
+            shutil.rmtree(staging)
+            rotate_checkpoints(out, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
 
     def total_steps(self) -> int:
         """The optimizer steps this config trains for, as HF's Trainer counts them."""
@@ -185,14 +228,23 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
     """Train offline; `checked` is what grpo_fast.preflight.preflight returned, if the caller ran it."""
     # Every path and the output directory are checked before any model loads.
     resume_ckpt, _ = checked or preflight(cfg, resume, OFFLINE_CHECKPOINT_FILES)
-    model, tokenizer = load_model_and_tokenizer(cfg, output_dir=cfg.output_dir)
+    # First, so that under torchrun / accelerate launch the process group is up and the device
+    # known: each process loads onto its own device, and only the main one writes or logs.
+    args = training_arguments(cfg)
+    main = args.should_save
+    if not args.should_log:
+        # As HF quiets transformers on the other processes (log_level_replica).
+        logging.getLogger(__package__).setLevel(logging.WARNING)
+        datasets.disable_progress_bars()
+    model, tokenizer = load_model_and_tokenizer(cfg, device=args.device,
+                                                output_dir=cfg.output_dir if main else None)
     train_ds = load_offline_dataset(cfg.dataset_path, tokenizer, cfg.max_seq_length, cfg.skip_invalid,
                                     score_temperature=cfg.offline.score_temperature)
     logger.info("train data: %d groups from %s", len(train_ds), cfg.dataset_path)
     trainer = OfflineGRPOTrainer(
         cfg,
         model=model,
-        args=training_arguments(cfg),
+        args=args,
         train_dataset=train_ds,
         data_collator=GroupCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
@@ -204,19 +256,25 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
         step = json.loads((resume_ckpt / "trainer_state.json").read_text())["global_step"]
         total = trainer.total_steps()
         # A kill between the checkpoint and the next log row leaves rows the resumed run writes again.
-        truncate_jsonl(Path(cfg.output_dir) / METRICS_FILE, step)
+        if main:
+            truncate_jsonl(Path(cfg.output_dir) / METRICS_FILE, step)
         if step >= total:
             # HF would train one more step and overwrite the final model: a finished run stays as is.
             logger.info("the run in %s already finished at step %d of %d: nothing to do (raise "
                         "max_steps or num_epochs to train further)", cfg.output_dir, step, total)
-            if not (Path(cfg.output_dir) / CONFIG_FILE).is_file():
+            if main and not (Path(cfg.output_dir) / CONFIG_FILE).is_file():
                 trainer._load_from_checkpoint(str(resume_ckpt))
                 save_final(cfg, trainer.model, tokenizer, cfg.output_dir)
+            trainer.accelerator.wait_for_everyone()
             return {"global_step": step}
         logger.info("resuming from %s at step %d of %d", resume_ckpt, step, total)
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
     except TrainingStopped as e:
         raise TrainingStopped(f"{e}; checkpoints saved so far are in {cfg.output_dir}") from None
-    save_final(cfg, trainer.model, tokenizer, cfg.output_dir)
+    # trainer.model is the model inside any DDP wrapper, identical on every process after the
+    # last all-reduced step: one copy is written.
+    if main:
+        save_final(cfg, trainer.model, tokenizer, cfg.output_dir)
+    trainer.accelerator.wait_for_everyone()
     return result.metrics

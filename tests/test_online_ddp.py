@@ -173,6 +173,21 @@ def test_a_two_rank_run_logs_once_and_resumes_exactly(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r] == steps
 
 
+def test_the_shipped_accelerate_config_runs_two_ranks(tmp_path):
+    from grpo_fast.rundir import read_jsonl
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
+    done = subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+                           "--main_process_port", str(free_port()), "--no_python", "grpo-fast", "train",
+                           "--config", str(ROOT / "configs" / "tiny-online.yaml"), "--set", f"output_dir={tmp_path / 'run'}",
+                           "--set", "max_steps=2", "--set", "online.log_completions_steps=1", "--set", "batch_size=2",
+                           "--set", "online.eval_steps=0"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    completions = read_jsonl(tmp_path / "run" / "completions.jsonl")
+    assert len(completions) == 2 * 2 * 2 * 16, "2 steps x 2 ranks x 2 prompts x G = 16"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", choices=["step", "run"], required=True)

@@ -256,9 +256,8 @@ class VLLMBackend(RolloutBackend):
         return out
 
     def close(self) -> None:
-        llm = self.__dict__.pop("llm", None)
-        if llm is not None:
-            del llm
+        # The backend holds the only reference to the in-process engine: dropping it frees it.
+        self.__dict__.pop("llm", None)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------------

@@ -248,38 +248,37 @@ class OnlineTrainer:
         for _ in range(mu):
             for k, ((roll, adv), mask, old_lp, ref_lp) in enumerate(zip(batches, masks, old, ref)):
                 # DDP all-reduces in the backward of the pass's last micro-batch only.
-                sync = self.world.size == 1 or k == len(batches) - 1
-                with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                last = k == len(batches) - 1
+                with contextlib.nullcontext() if self.world.size == 1 or last else self.train_model.no_sync():
                     logps, entropy = self.completion_logps(self.train_model, roll)      # (k, C) x2
-                if self.correct_sampling and roll.sampler_logps is not None and sampling_weights[k] is None:
-                    # An engine sampled the rows: weigh each by how much likelier the trainer's
-                    # policy at sampling time (old, or this very forward when mu = 1) finds it.
-                    sampling_weights[k], metrics = sampling_importance_weights(
-                        logps.detach() if old_lp is None else old_lp, roll.sampler_logps, mask,
-                        **self.sampling_options)                                         # (k, C) or (k, 1)
-                    sampling_metrics.append(metrics)
-                # top_entropy_quantile < 1: only the highest-entropy tokens carry the policy loss.
-                entropy_mask = (high_entropy_mask(entropy.detach(), mask, o.top_entropy_quantile)
-                                if o.top_entropy_quantile < 1.0 else None)
-                loss, metrics = grpo_loss(
-                    logps, old_lp, ref_lp, adv, mask, max_completion_length=o.max_completion_length,
-                    num_items_in_batch=num_items, entropy_mask=entropy_mask,
-                    sampling_weights=sampling_weights[k], **self.loss_options)
-                # A loss normalized within a micro-batch (grpo, bnpo, dr_grpo) is divided by ga:
-                # the step's gradient is their mean over micro-batches (for grpo and dr_grpo
-                # exactly the full-batch value, micro-batches being equal-sized). A global
-                # normalizer (dapo) already divides by the whole step's token count, so its
-                # micro-batch losses simply add up.
-                if not self.loss_type.global_normalizer:
-                    loss = loss / ga
-                else:
-                    # DDP averages the ranks' gradients; a global normalizer wants their sum.
-                    loss = loss * self.world.size
-                with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                    if self.correct_sampling and roll.sampler_logps is not None and sampling_weights[k] is None:
+                        # An engine sampled the rows: weigh each by how much likelier the trainer's
+                        # policy at sampling time (old, or this very forward when mu = 1) finds it.
+                        sampling_weights[k], metrics = sampling_importance_weights(
+                            logps.detach() if old_lp is None else old_lp, roll.sampler_logps, mask,
+                            **self.sampling_options)                                     # (k, C) or (k, 1)
+                        sampling_metrics.append(metrics)
+                    # top_entropy_quantile < 1: only the highest-entropy tokens carry the policy loss.
+                    entropy_mask = (high_entropy_mask(entropy.detach(), mask, o.top_entropy_quantile)
+                                    if o.top_entropy_quantile < 1.0 else None)
+                    loss, metrics = grpo_loss(
+                        logps, old_lp, ref_lp, adv, mask, max_completion_length=o.max_completion_length,
+                        num_items_in_batch=num_items, entropy_mask=entropy_mask,
+                        sampling_weights=sampling_weights[k], **self.loss_options)
+                    # A loss normalized within a micro-batch (grpo, bnpo, dr_grpo) is divided by ga:
+                    # the step's gradient is their mean over micro-batches (for grpo and dr_grpo
+                    # exactly the full-batch value, micro-batches being equal-sized). A global
+                    # normalizer (dapo) already divides by the whole step's token count, so its
+                    # micro-batch losses simply add up.
+                    if not self.loss_type.global_normalizer:
+                        loss = loss / ga
+                    else:
+                        # DDP averages the ranks' gradients; a global normalizer wants their sum.
+                        loss = loss * self.world.size
                     self.scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-                entropy_sum += (entropy * roll.completion_mask).sum()
-                loss_metrics.append(metrics)
+                    loss_sum += loss.detach()
+                    entropy_sum += (entropy * roll.completion_mask).sum()
+                    loss_metrics.append(metrics)
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)

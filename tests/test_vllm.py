@@ -68,6 +68,14 @@ def backends(cfg, model, tokenizer):
     return HFBackend(cfg, model, tokenizer, eos), VLLMBackend(cfg, model, tokenizer, eos)
 
 
+def give_the_adapter_a_value(model) -> None:
+    """peft starts lora_B at 0, where the adapter changes nothing."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+
+
 def assert_same_greedy(hf, vllm):
     a, b = hf.generate(PROMPTS, greedy=True), vllm.generate(PROMPTS, greedy=True)
     assert a.completion_ids.tolist() == b.completion_ids.tolist()
@@ -81,10 +89,7 @@ def test_greedy_rollouts_equal_hf_before_and_after_training(tmp_path, lora):
     trainer = OnlineTrainer(cfg)
     assert isinstance(trainer.backend, VLLMBackend)
     if lora:
-        with torch.no_grad():  # a non-zero adapter before any step: vLLM must apply it
-            for name, p in trainer.model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.5)
+        give_the_adapter_a_value(trainer.model)  # a non-zero adapter before any step: vLLM must apply it
         trainer.backend.after_update(trainer.model)
     hf = HFBackend(cfg, trainer.model, trainer.tokenizer, trainer.backend.eos_ids)
     assert_same_greedy(hf, trainer.backend)
@@ -100,10 +105,7 @@ def test_greedy_rollouts_equal_hf_before_and_after_training(tmp_path, lora):
 def test_the_base_alone_inside_disable_adapter(tmp_path):
     cfg = online_cfg(tmp_path)
     model, tokenizer = load_model_and_tokenizer(cfg, torch.device("cpu"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
+    give_the_adapter_a_value(model)
     hf, vllm = backends(cfg, model, tokenizer)
     with_adapter = vllm.generate(PROMPTS, greedy=True).completion_ids.tolist()
     with model.disable_adapter():
@@ -122,10 +124,7 @@ def test_a_4bit_base_reaches_the_engine_dequantized(tmp_path):
     cfg = online_cfg(tmp_path, model_path=str(saved),
                      quantization={"load_in_4bit": True, "compute_dtype": "float32"})
     model, tokenizer = load_model_and_tokenizer(cfg, torch.device("cpu"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
+    give_the_adapter_a_value(model)
     hf, vllm = backends(cfg, model, tokenizer)
     assert_same_greedy(hf, vllm)
     vllm.close()

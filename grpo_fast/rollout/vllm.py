@@ -300,15 +300,15 @@ class VLLMBackend(RolloutBackend):
         return self._rollout(prompt_ids, prompt_mask, samples, G, greedy)
 
     def _rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, samples, G: int, greedy: bool) -> Rollout:
-        N, C = len(samples), max(1, max(len(c.token_ids) for c in samples))
-        completion_ids = torch.full((N, C), self.pad_id, dtype=torch.long)
-        sampler_logps = None if greedy else torch.zeros((N, C), dtype=torch.float32)
-        for i, c in enumerate(samples):
-            completion_ids[i, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
-            if sampler_logps is not None:
-                # logprobs=0: each position's dict holds the sampled token (with its processed log-prob).
-                sampler_logps[i, :len(c.token_ids)] = torch.tensor(
-                    [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)], dtype=torch.float32)
+        C = max(1, max(len(c.token_ids) for c in samples))
+        # One padded list, one tensor: not a tensor (and a copy) per row.
+        completion_ids = torch.tensor([list(c.token_ids) + [self.pad_id] * (C - len(c.token_ids))
+                                       for c in samples], dtype=torch.long)                  # (N, C)
+        sampler_logps = None
+        if not greedy:
+            # logprobs=0: each position's dict holds the sampled token (with its processed log-prob).
+            sampler_logps = torch.tensor([[step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)]
+                                          + [0.0] * (C - len(c.token_ids)) for c in samples])   # (N, C)
         completion_ids = completion_ids.to(self.device)                                      # (N, C)
         completion_mask, terminated = completion_mask_after_eos(completion_ids, self.eos_ids)  # (N, C), (N,)
         lengths = completion_mask.sum(dim=1)                                                 # (N,)

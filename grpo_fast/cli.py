@@ -3,6 +3,7 @@
     grpo-fast train --config configs/tiny-offline.yaml [--set learning_rate=1e-4 ...] [--resume]
     grpo-fast eval  --config configs/tiny-offline.yaml [--adapter outputs/tiny-offline] [--data F]
     grpo-fast plan  --config configs/qwen2.5-1.5b-gsm8k-qlora.yaml [--gpu-memory 12GiB]
+    grpo-fast vllm-serve --config run.yaml [--host H] [--port P]   # for online.vllm_mode: server
     grpo-fast plot  outputs/tiny-online
 
 Config and data errors print one line naming the file, line or key, and exit with status 2.
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="estimate peak GPU memory for a config before running it")
     _add_config_args(p)
     p.add_argument("--gpu-memory", help="card memory to plan for, e.g. 12GiB or 24GB")
+
+    p = sub.add_parser("vllm-serve", help="serve rollouts from a vLLM engine for trainers with online.vllm_mode: server")
+    _add_config_args(p)
+    p.add_argument("--host", help="address to listen on; default: the config's online.vllm_server_host")
+    p.add_argument("--port", type=int, help="port to listen on; default: the config's online.vllm_server_port")
 
     p = sub.add_parser("plot", help="plot metrics.jsonl of a run directory to a PNG")
     p.add_argument("run_dir", help="a run's output_dir holding metrics.jsonl")
@@ -113,6 +119,10 @@ def run(args: argparse.Namespace) -> None:
         from .plan import plan_command
 
         print(plan_command(cfg, args.gpu_memory))
+    elif args.command == "vllm-serve":
+        from .rollout.vllm_server import serve
+
+        serve(cfg, args.host, args.port)
 
 if __name__ == "__main__":
     sys.exit(main())

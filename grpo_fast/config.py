@@ -129,6 +129,19 @@ class OnlineConfig:
     generation_backend: str = "hf"
     # TRL's spelling: true is generation_backend: vllm.
     use_vllm: bool = False
+    # Where the vllm backend's engine runs. colocate: in the trainer's process, on its GPU (TRL's
+    # default too; nothing else to start). server: a `grpo-fast vllm-serve --config <this file>`
+    # on other GPUs or another host, which the trainer sends prompts and the current policy to
+    # over HTTP; it is also what runs under several trainer processes (torchrun / accelerate).
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    # The server's address: vllm_server_base_url (e.g. http://10.0.0.2:8000) when set, else
+    # http://{vllm_server_host}:{vllm_server_port}; `grpo-fast vllm-serve` listens on the host
+    # and port too (TRL's defaults, so 0.0.0.0 listens everywhere and reaches this machine).
+    vllm_server_base_url: Optional[str] = None
+    vllm_server_host: str = "0.0.0.0"
+    vllm_server_port: int = 8000
+    # Seconds the trainer waits for the server to answer at start-up (it may still be loading).
+    vllm_server_timeout: float = 240.0
     # vLLM engine (generation_backend: vllm). The share of GPU memory vLLM takes for its weights
     # and KV cache (TRL's default); on CPU the KV cache is sized to the run's rollouts instead.
     vllm_gpu_memory_utilization: float = 0.3
@@ -420,6 +433,12 @@ def validate(cfg: Config) -> Config:
            f"{o.max_prompt_length + o.max_completion_length} (or null), got {o.vllm_max_model_length}")
     _check(o.vllm_tensor_parallel_size >= 1, "online.vllm_tensor_parallel_size",
            f"must be >= 1, got {o.vllm_tensor_parallel_size}")
+    _check(o.vllm_server_base_url is None or re.fullmatch(r"https?://[^/\s]+/?", o.vllm_server_base_url) is not None,
+           "online.vllm_server_base_url", f"must be http://HOST:PORT (or null), got {o.vllm_server_base_url!r}")
+    _check(1 <= o.vllm_server_port <= 65535, "online.vllm_server_port",
+           f"must be a TCP port in [1, 65535], got {o.vllm_server_port}")
+    _check(math.isfinite(o.vllm_server_timeout) and o.vllm_server_timeout > 0, "online.vllm_server_timeout",
+           f"must be a finite number of seconds > 0, got {o.vllm_server_timeout}")
     _check(not (o.loss_type == "vespo" and o.generation_backend == "vllm" and o.vllm_importance_sampling_correction)
            or o.vllm_importance_sampling_mode.startswith("token"), "online.vllm_importance_sampling_mode",
            "vespo folds the correction into its sequence weight per token: token_truncate or token_mask (as TRL)")

@@ -2,7 +2,7 @@
 inherits) mapped to the grpo-fast key, or to the reason there is none.
 
     TRL_FIELDS["per_device_train_batch_size"]   # ("batch_size", "it counts prompts, ...")
-    TRL_FIELDS["use_vllm"]                      # (None, "not supported yet: ...")
+    TRL_FIELDS["vllm_group_port"]               # (None, "not used: ...")
 
 The config reads it for its unknown-key errors (a TRL name gets the grpo-fast key instead of the
 list of allowed keys); README "Coming from TRL" is rendered from it; tests/test_config_trl.py
@@ -140,8 +140,13 @@ TRL_FIELDS: dict[str, tuple[Optional[str], str]] = {
     "vllm_importance_sampling_clip_max": ("online.vllm_importance_sampling_clip_max", ""),
     "vllm_importance_sampling_clip_min": ("online.vllm_importance_sampling_clip_min", ""),
     "vllm_importance_sampling_cap": ("online.vllm_importance_sampling_clip_max", "TRL's deprecated name"),
-    **_none("not supported yet: the vLLM engine runs in the trainer's process (colocate)",
-            "vllm_mode vllm_server_base_url vllm_server_host vllm_server_port vllm_server_timeout vllm_group_port"),
+    "vllm_mode": ("online.vllm_mode", "server means `grpo-fast vllm-serve` (not `trl vllm-serve`); it also runs "
+                  "under several trainer processes"),
+    "vllm_server_base_url": ("online.vllm_server_base_url", ""),
+    "vllm_server_host": ("online.vllm_server_host", "also where `grpo-fast vllm-serve` listens"),
+    "vllm_server_port": ("online.vllm_server_port", "also where `grpo-fast vllm-serve` listens"),
+    "vllm_server_timeout": ("online.vllm_server_timeout", ""),
+    "vllm_group_port": (None, "not used: the policy reaches the server over its HTTP port (no NCCL group)"),
     **_none("not supported yet: vLLM runs its own model implementation", "vllm_model_impl"),
     **_none("not supported yet: no constrained decoding", "vllm_structured_outputs_regex"),
     **_none("not used: torchrun or accelerate launch sets up the processes; online mode wraps the model in "

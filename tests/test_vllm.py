@@ -177,10 +177,11 @@ def test_sleep_mode_wakes_syncs_samples_and_sleeps_in_that_order(tmp_path, monke
     model, tokenizer = load_model_and_tokenizer(cfg, torch.device("cpu"))
     _, vllm = backends(cfg, model, tokenizer)
     calls = []
+    llm, engine = vllm.engine.llm, vllm.engine
     for name in ("sleep", "wake_up", "generate"):
-        original = getattr(vllm.llm, name)
-        monkeypatch.setattr(vllm.llm, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
-    monkeypatch.setattr(vllm, "_push_weights", lambda weights, _o=vllm._push_weights: (calls.append("push"), _o(weights))[1])
+        original = getattr(llm, name)
+        monkeypatch.setattr(llm, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    monkeypatch.setattr(engine, "push_weights", lambda weights, _o=engine.push_weights: (calls.append("push"), _o(weights))[1])
     vllm.sleep = True
     vllm._fall_asleep()
     vllm.generate(PROMPTS)

@@ -1,8 +1,9 @@
 """Data parallelism for the online trainer: the process group that `torchrun` or `accelerate
-launch` set up the environment for, and the few collectives the step needs.
+launch` set up the environment for, how the model is spread over it (DDP or FSDP2), and the
+few collectives the step needs.
 
     torchrun --nproc_per_node 2 --no-python grpo-fast train --config configs/tiny-online.yaml
-    accelerate launch --num_processes 2 -m grpo_fast.cli train --config configs/tiny-online.yaml
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml --no_python grpo-fast train ...
 
 Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `setup` joins
 the group they describe (NCCL on CUDA, gloo on CPU) and pins each process to its GPU. Without
@@ -10,16 +11,28 @@ them (a plain `grpo-fast train`) it is a world of one and every collective here 
 identity, so the single-process path runs exactly as before. The online trainer keeps a
 prompt's G completions on one rank and gathers what the step needs across ranks (rewards for
 the advantages, token counts for the global normalizer, metrics and completions for the logs).
+
+The strategy is the launcher's: `accelerate launch` with an FSDP config exports
+ACCELERATE_USE_FSDP / FSDP_VERSION / FSDP_* (read here, so the same file means the same on a
+CPU, where accelerate itself would fall back to DDP); anything else is DDP. `wrap` applies it:
+DDP replicates the model, FSDP2 (torch's `fully_shard`, one unit per decoder layer plus the
+root) shards parameters, gradients and optimizer states. Under FSDP2 every forward is a
+collective, so every rank must run the same number of them: `all_true` lets a rank that has
+finished decoding keep step with the others (grpo_fast.rollout.hf).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+STRATEGIES = ("ddp", "fsdp2", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -27,11 +40,37 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    # "ddp", "fsdp2" or "deepspeed": what the launcher's accelerate config asks for (`strategy`).
+    strategy: str = "ddp"
 
     @property
     def main(self) -> bool:
         """The process that writes the run directory (logs, checkpoints, the final model)."""
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters sharded over the ranks: every forward is a collective."""
+        return self.size > 1 and self.strategy == "fsdp2"
+
+
+def _flag(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).lower() in ("1", "true", "yes")
+
+
+def strategy() -> str:
+    """The strategy of the accelerate config this process was launched with (from the variables
+    `accelerate launch` exports); "ddp" under torchrun or a config without FSDP or DeepSpeed.
+    FSDP1 is refused: FSDP2 is its successor, and the only one that shards per parameter."""
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    if _flag("ACCELERATE_USE_FSDP"):
+        version = os.environ.get("FSDP_VERSION", "1")
+        if version != "2":
+            raise ValueError(f"the accelerate config's fsdp_config.fsdp_version is {version}: grpo-fast runs "
+                             "FSDP2 (fsdp_version: 2, configs/accelerate/fsdp2.yaml)")
+        return "fsdp2"
+    return "ddp"
 
 
 def setup() -> World:
@@ -44,7 +83,128 @@ def setup() -> World:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), local_rank)
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, strategy())
+
+
+def check(cfg, world: World) -> None:
+    """Refuse, naming the key, what the launcher's strategy cannot run (ValueError)."""
+    if world.size == 1:
+        return
+    if world.strategy == "deepspeed" and cfg.mode == "online":
+        raise ValueError("the accelerate config's distributed_type: DEEPSPEED is not supported in online mode: "
+                         "shard with configs/accelerate/fsdp2.yaml (ZeRO-3's sharding) or replicate with ddp.yaml")
+    if world.strategy != "fsdp2":
+        return
+    q = cfg.quantization
+    if q.load_in_4bit or q.load_in_8bit:
+        raise ValueError(f"quantization.load_in_{4 if q.load_in_4bit else 8}bit: a bitsandbytes base cannot be "
+                         "sharded by FSDP2 (fully_shard makes every parameter a DTensor, which drops the "
+                         "quantization state): run QLoRA data-parallel, configs/accelerate/ddp.yaml")
+    if cfg.mixed_precision == "fp16":
+        raise ValueError("mixed_precision: fp16 under FSDP2 would need a sharded loss scaler: use bf16")
+    if cfg.optim != "adamw_torch":
+        raise ValueError(f"optim: {cfg.optim} (bitsandbytes) cannot update FSDP2's sharded parameters: "
+                         "use adamw_torch, whose states FSDP2 shards anyway")
+
+
+def wrap(world: World, model: torch.nn.Module) -> torch.nn.Module:
+    """What the training passes run. DDP: the model in a DistributedDataParallel wrapper, whose
+    backward all-reduces (averages) the gradients (everything else uses the model itself).
+    FSDP2: the model itself, sharded in place (`shard`). A world of one: the model."""
+    if world.size == 1:
+        return model
+    if world.sharded:
+        return shard(model)
+    device = next(model.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 in place, as the accelerate config's FSDP_* variables ask: one `fully_shard` unit
+    per decoder layer (the classes in FSDP_TRANSFORMER_CLS_TO_WRAP, default the model's
+    `_no_split_modules`), then the root, which holds the embeddings, the final norm and the LM
+    head. The root stays gathered from its forward to its backward, which is what lets the
+    log-prob kernel read the whole LM head (grpo_fast.logprobs.as_forward runs the kernel inside
+    the root's forward). The ranks must hold the same weights before (the trainer loads them
+    under one seed): each keeps its slice of dim 0 of every parameter. Gradients are averaged
+    by reduce-scatter, as DDP averages them."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    classes = {n.strip() for n in names.split(",") if n.strip()} or _no_split_modules(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ValueError(f"FSDP2: no module of {type(model).__name__} is a {', '.join(sorted(classes)) or '?'} "
+                         "(fsdp_transformer_layer_cls_to_wrap in the accelerate config)")
+    options = {"reshard_after_forward": _flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
+               "offload_policy": CPUOffloadPolicy() if _flag("FSDP_OFFLOAD_PARAMS") else OffloadPolicy()}
+    for layer in layers:
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def _no_split_modules(model: torch.nn.Module) -> set[str]:
+    """The decoder layer classes a Hugging Face model declares (`_no_split_modules`), looked up
+    on the model or the one a PEFT wrapper holds."""
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if names:
+            return set(names)
+    return set()
+
+
+def full_state_dict(world: World, model: torch.nn.Module) -> Optional[dict]:
+    """The whole state dict of a sharded model on the main process (None elsewhere; every rank
+    must call it, it gathers), on the CPU; None for an unsharded model (use its own)."""
+    if not world.sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if world.main else None
+
+
+def optimizer_state_dict(world: World, model: torch.nn.Module, optimizer) -> Optional[dict]:
+    """The optimizer's state dict as one process would hold it: whole (on the main process,
+    gathered from the shards) under FSDP2, the optimizer's own otherwise. Every rank calls it."""
+    if not world.sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if world.main else None
+
+
+def load_optimizer_state_dict(world: World, model: torch.nn.Module, optimizer, state: dict) -> None:
+    """Restore what `optimizer_state_dict` saved; under FSDP2 each rank keeps its shard of it."""
+    if not world.sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def all_true(world: World, flag: bool) -> bool:
+    """Whether `flag` holds on every rank (a collective; `flag` itself in a world of one)."""
+    if world.size == 1:
+        return flag
+    value = torch.tensor([0 if flag else 1], device=_collective_device())
+    dist.all_reduce(value)
+    return int(value) == 0
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def local(value: Tensor) -> Tensor:
+    """A DTensor's whole value (a reduction FSDP2 leaves sharded or pending), else `value`."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def gather_tensor(world: World, tensor: Tensor) -> Tensor:

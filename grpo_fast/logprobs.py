@@ -20,7 +20,7 @@ float rounding (tests/test_shared_prompt.py). `group_logprobs` does the same for
 
 The trainers' entry points are `group_logprobs` (offline groups) and `completion_logps` /
 `reference_logps` (online rollouts, at the rollout's sampling temperature); both accept a model
-wrapped in DistributedDataParallel (`as_forward`).
+wrapped in DistributedDataParallel or sharded by FSDP2 (`as_forward`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from . import kernels
 
@@ -286,25 +287,35 @@ def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion
 
 
 def as_forward(model, fn: Callable[[torch.nn.Module], Any]) -> Any:
-    """`fn(model)`, where `model` may be wrapped by DistributedDataParallel: then `fn` runs on the
-    wrapped model *as the wrapper's forward*, so that DDP arms its gradient all-reduce for the
-    backward (calling the inner model directly would skip it and let ranks drift apart), while
-    `fn` reaches the decoder and the LM head, which the wrapper does not expose."""
-    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    """`fn(model)`, where `model` may be wrapped by DistributedDataParallel or sharded by FSDP2:
+    then `fn` runs *as the model's forward* (the wrapper's, or the FSDP2 root's). DDP arms its
+    gradient all-reduce for the backward only in its forward (calling the inner model directly
+    would let ranks drift apart); FSDP2 gathers the root's parameters (embeddings, final norm,
+    LM head) only in the root's forward, and keeps them for its backward, so `fn` reaches the
+    decoder and the whole LM head for the kernel, which neither wrapper exposes."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        inner = model.module
+    elif isinstance(model, FSDPModule):
+        inner = model
+    else:
         return fn(model)
-    inner = model.module
-    inner.forward = lambda: fn(inner)  # an instance attribute shadows the class's forward
+    # An instance attribute shadows the class's forward; one already there (a hook's wrapper)
+    # is put back after.
+    saved = inner.__dict__.get("forward")
+    inner.forward = lambda: fn(inner)
     try:
         return model()
     finally:
         del inner.forward
+        if saved is not None:
+            inner.forward = saved
 
 
 def group_logprobs(model, batch: dict[str, torch.Tensor], *, normalize: bool = False,
                    backend: str = "auto", shared_prompt: bool = False) -> torch.Tensor:
     """Sequence log-probs (B, K) of a padded batch of groups (grpo_fast.data.GroupCollator);
     padded group slots (group_mask False) are never run and read 0. `model` may be wrapped in
-    DDP (`as_forward`).
+    DDP or sharded by FSDP2 (`as_forward`).
 
     `shared_prompt` runs a group's prompt once for its K completions (`shared_prompt_logprobs`),
     unless the model checkpoints gradients or a row's prompt was truncated away entirely."""
@@ -330,7 +341,8 @@ def completion_logps(model, roll, *, backend: str = "auto", shared_prompt: bool 
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies (N, C) of a rollout's (grpo_fast.rollout.Rollout)
     completion tokens, zero after EOS, at the temperature the rollout was sampled at (read from
-    it, so they describe the distribution that was sampled). `model` may be wrapped in DDP.
+    it, so they describe the distribution that was sampled). `model` may be wrapped in DDP or
+    sharded by FSDP2.
 
     `shared_prompt` runs each distinct prompt once (`shared_prompt_logprobs`), unless the model
     checkpoints gradients (HF then refuses the KV cache it needs)."""
@@ -345,9 +357,10 @@ def _completion_logps(model, roll, backend, shared_prompt) -> tuple[torch.Tensor
     logps, entropy = token_logprobs(
         model, roll.input_ids, roll.attention_mask, roll.loss_mask, temperature=roll.temperature,
         backend=backend, position_ids=roll.position_ids)                             # (N, P+C-1) x2
-    # Column t scores input_ids[:, t+1]: the completion starts at column P-1.
+    # Column t scores input_ids[:, t+1]: the completion starts at column P-1. Copies, not views:
+    # an FSDP2 root's backward hook must not hang on a view that an in-place op could rebase.
     start = roll.prompt_ids.size(1) - 1
-    return logps[:, start:], entropy[:, start:]                                       # (N, C) x2
+    return logps[:, start:].clone(), entropy[:, start:].clone()                       # (N, C) x2
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
 from . import distributed
-from .config import Config
+from .config import Config, ConfigError
 from .data import PromptStream, prompt_records, reward_inputs
 from .errors import TrainingStopped
 from .evaluate import greedy_eval
@@ -101,29 +101,38 @@ class OnlineTrainer:
         # loads; nothing is written before that.
         resume_dir, self.reward_fns = checked or preflight(cfg, resume, ONLINE_CHECKPOINT_FILES)
         # Under torchrun / accelerate launch: one rank per process, each sampling its own share
-        # of a step's prompts (grpo_fast.distributed); a world of one otherwise.
-        self.world = distributed.setup()
-        # Each rank its own sampling stream (the weights are seeded apart from it, and DDP
-        # starts every rank from rank 0's).
-        set_seed(cfg.seed + self.world.rank)
+        # of a step's prompts, the model replicated (DDP) or sharded (FSDP2) as the launcher's
+        # accelerate config says (grpo_fast.distributed); a world of one otherwise.
+        try:
+            self.world = distributed.setup()
+            distributed.check(cfg, self.world)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        # One seed for the weights on every rank (FSDP2 shards what each rank loaded, and a
+        # random start or LoRA init must be the same everywhere), then each rank its own stream.
+        set_seed(cfg.seed)
         self.device = default_device() if self.world.size == 1 or not torch.cuda.is_available() else \
             torch.device("cuda", self.world.local_rank)
         self.model, self.tokenizer = load_model_and_tokenizer(
             cfg, device=self.device, adapter_path=str(resume_dir) if resume_dir else None,
             output_dir=cfg.output_dir if self.world.main else None)
         self.model.train()
-        # What the training passes run: the model, or its DDP wrapper, whose backward all-reduces
-        # (averages) the gradients across ranks. Everything else uses the model itself.
-        self.train_model = self.model
-        if self.world.size > 1:
-            self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.ref_model = None
         if self.o.beta > 0 and not cfg.lora.enabled:
             # Full fine-tuning has no adapter to switch off: the reference is the starting
             # model, loaded once more (on resume too, where self.model holds trained weights).
             self.ref_model, _ = load_base_model(cfg, self.device)
             self.ref_model.eval().requires_grad_(False)
+            if self.world.sharded:
+                distributed.shard(self.ref_model)
+        if self.world.size > 1:
+            set_seed(cfg.seed + self.world.rank)
+        # What the training passes run: the model, its DDP wrapper (whose backward all-reduces
+        # the gradients), or the model sharded in place by FSDP2. Everything else uses self.model.
+        self.train_model = distributed.wrap(self.world, self.model)
+        # Every rank must run as many forwards as the others under FSDP2; sharing a prompt's
+        # forward runs one decoder pass or two depending on the rank's completions.
+        self.shared_prompt = self.o.shared_prompt and not self.world.sharded
         self.backend = make_backend(cfg, self.model, self.tokenizer, eos_token_ids(self.model, self.tokenizer))
         self.loss_type = get_loss_type(self.o.loss_type)
         # The options of grpo_loss, named as the config (and TRL) name them.
@@ -179,12 +188,12 @@ class OnlineTrainer:
 
     def completion_logps(self, model, roll: Rollout) -> tuple[Tensor, Tensor]:
         with self.autocast():
-            return completion_logps(model, roll, backend=self.cfg.logprob_backend, shared_prompt=self.o.shared_prompt)
+            return completion_logps(model, roll, backend=self.cfg.logprob_backend, shared_prompt=self.shared_prompt)
 
     def reference_logps(self, roll: Rollout) -> Tensor:
         with self.autocast():
             return reference_logps(self.model, self.ref_model, roll, backend=self.cfg.logprob_backend,
-                                   shared_prompt=self.o.shared_prompt)
+                                   shared_prompt=self.shared_prompt)
 
     def step(self, records: list[dict]) -> tuple[dict[str, float], dict]:
         """One GRPO step on `records` (batch_size x gradient_accumulation_steps prompt records).
@@ -247,9 +256,11 @@ class OnlineTrainer:
         sampling_weights: list[Optional[Tensor]] = [None] * ga
         for _ in range(mu):
             for k, ((roll, adv), mask, old_lp, ref_lp) in enumerate(zip(batches, masks, old, ref)):
-                # DDP all-reduces in the backward of the pass's last micro-batch only.
+                # DDP all-reduces in the backward of the pass's last micro-batch only. FSDP2
+                # reduce-scatters every micro-batch's gradients: deferring would hold them whole.
                 last = k == len(batches) - 1
-                with contextlib.nullcontext() if self.world.size == 1 or last else self.train_model.no_sync():
+                with contextlib.nullcontext() if self.world.size == 1 or last or self.world.sharded \
+                        else self.train_model.no_sync():
                     logps, entropy = self.completion_logps(self.train_model, roll)      # (k, C) x2
                     if self.correct_sampling and roll.sampler_logps is not None and sampling_weights[k] is None:
                         # An engine sampled the rows: weigh each by how much likelier the trainer's
@@ -280,8 +291,8 @@ class OnlineTrainer:
                     entropy_sum += (entropy * roll.completion_mask).sum()
                     loss_metrics.append(metrics)
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            grad_norm = distributed.local(torch.nn.utils.clip_grad_norm_(
+                self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
             # Stop before a non-finite update reaches the weights (and so any checkpoint). Under
             # fp16 an inf gradient is the loss scaler's business: it skips that update.
             check_finite(self.state.step + 1, loss=loss_sum,
@@ -397,8 +408,9 @@ class OnlineTrainer:
             self.backend.close()
             if self.tracker is not None:
                 self.tracker.close()
+        state_dict = distributed.full_state_dict(self.world, self.model)
         if self.world.main:
-            save_final(cfg, self.model, self.tokenizer, cfg.output_dir)
+            save_final(cfg, self.model, self.tokenizer, cfg.output_dir, state_dict=state_dict)
         distributed.barrier(self.world)
         summary = {"global_step": state.step, "train_runtime": time.perf_counter() - start,
                    **reward_summary(self.out / METRICS_FILE)}
@@ -443,8 +455,9 @@ class OnlineTrainer:
         if self.world.size == 1:
             return greedy_eval(self.backend, self.reward_fns, records)
         mine = records[self.world.rank::self.world.size]
-        rows = distributed.gather_objects(self.world, (greedy_eval(self.backend, self.reward_fns, mine) if mine
-                                                       else {}, len(mine)))
+        # A rank without a record still decodes one under FSDP2 (its forwards are collectives).
+        scored = greedy_eval(self.backend, self.reward_fns, mine or records[:1]) if mine or self.world.sharded else {}
+        rows = distributed.gather_objects(self.world, (scored if mine else {}, len(mine)))
         total = sum(count for _, count in rows)
         return {k: sum(m[k] * count for m, count in rows if count) / total for k in next(m for m, c in rows if c)}
 
@@ -457,13 +470,16 @@ class OnlineTrainer:
         leaves a half checkpoint for --resume), then rotate."""
         final = self.out / f"checkpoint-{self.state.step}"
         # Every rank's RNG state (its own sampling stream); the weights and optimizer states are
-        # the same on every rank, so the main process writes the checkpoint alone.
+        # the same on every rank (gathered whole from the shards under FSDP2), so the main
+        # process writes the checkpoint alone.
         rng_states = distributed.gather_objects(self.world, capture_rng_state())
+        state_dict = distributed.full_state_dict(self.world, self.model)
+        optimizer_state = distributed.optimizer_state_dict(self.world, self.model, self.optimizer)
         if self.world.main:
             with atomic_directory(final) as tmp:
-                self.model.save_pretrained(tmp)
+                self.model.save_pretrained(tmp, state_dict=state_dict)
                 self.tokenizer.save_pretrained(tmp)
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(optimizer_state, tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
                 save_rng_state(tmp, rng_states)
@@ -477,7 +493,8 @@ class OnlineTrainer:
         """Restore what the weights (already loaded from `ckpt`) do not hold, and drop log rows
         past the checkpoint that a crashed run wrote, so the resumed curve has no duplicates."""
         self.state = TrainState(**json.loads((ckpt / ONLINE_STATE_FILE).read_text()))
-        self.optimizer.load_state_dict(load_torch_state(ckpt / "optimizer.pt", map_location=self.device))
+        distributed.load_optimizer_state_dict(self.world, self.model, self.optimizer,
+                                              load_torch_state(ckpt / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(load_torch_state(ckpt / "scheduler.pt"))
         if (ckpt / "scaler.pt").is_file():
             self.scaler.load_state_dict(load_torch_state(ckpt / "scaler.pt"))

@@ -163,14 +163,15 @@ def rotate_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_final(cfg, model, tokenizer, output_dir: str | Path) -> None:
+def save_final(cfg, model, tokenizer, output_dir: str | Path, state_dict: Optional[dict] = None) -> None:
     """The final adapter (or full model), tokenizer and resolved config, written into a
     temporary directory first and then moved file by file into `output_dir`: each file is
-    replaced whole, and the config, moved last, marks the run as finished."""
+    replaced whole, and the config, moved last, marks the run as finished. `state_dict`: the
+    model's whole state dict when the model holds only shards of it (FSDP2)."""
     out = Path(output_dir)
     staged = out / (TMP_PREFIX + "final")
     shutil.rmtree(staged, ignore_errors=True)
-    model.save_pretrained(staged)
+    model.save_pretrained(staged, state_dict=state_dict)
     tokenizer.save_pretrained(staged)
     (staged / CONFIG_FILE).write_text(cfg.to_yaml())
     for path in sorted(staged.iterdir(), key=lambda p: p.name == CONFIG_FILE):

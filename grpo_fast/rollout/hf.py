@@ -23,11 +23,13 @@ sync after an update. Tested by tests/test_online.py (against `generate`, greedy
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
+from .. import distributed
 from . import (Rollout, RolloutBackend, completion_mask_after_eos, eos_token_ids, register_backend, sampling_settings,
                tokenize_prompts)
 
@@ -76,7 +78,8 @@ def sample_completions(model, prompt_ids: Tensor, prompt_mask: Tensor, *, num_ge
                        max_completion_length: int, eos_ids: Sequence[int], pad_id: int,
                        greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                        top_k: int = 0, min_p: Optional[float] = None,
-                       repetition_penalty: float = 1.0) -> Tensor:
+                       repetition_penalty: float = 1.0,
+                       all_finished: Optional[Callable[[bool], bool]] = None) -> Tensor:
     """(B*G, C) completion ids for left-padded (B, P) prompts, G = `num_generations` adjacent
     rows per prompt, C <= max_completion_length the longest completion.
 
@@ -90,7 +93,11 @@ def sample_completions(model, prompt_ids: Tensor, prompt_mask: Tensor, *, num_ge
     is not done for every row that finishes). Completion lengths vary widely in GRPO, and
     `generate` runs every row until the longest ends. Sampling still draws over all B*G rows,
     finished ones as a certain pad, so the random stream, and with it every sample, is what
-    `generate` draws from the same seed (tests/test_online.py)."""
+    `generate` draws from the same seed (tests/test_online.py).
+
+    `all_finished(done_here)` (a model sharded by FSDP2, where every forward is a collective)
+    says whether every rank is done: a rank that finishes first keeps step with the others, one
+    one-token forward per token they decode, as `generate(synced_gpus=True)` does."""
     eos = torch.tensor(list(eos_ids), device=prompt_ids.device)
     position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)                           # (B, P)
     logits, cache = _next_token_logits(model, prompt_ids, prompt_mask, position_ids, None)  # (B, V)
@@ -130,7 +137,13 @@ def sample_completions(model, prompt_ids: Tensor, prompt_mask: Tensor, *, num_ge
         # One host sync per token, as generate's stopping check: on CPU it is free, and on a GPU
         # the forwards it saves outweigh it.
         done = rows.numel() - int(alive.sum())
-        if step == max_completion_length - 1 or done == rows.numel():
+        finished = step == max_completion_length - 1 or done == rows.numel()
+        if all_finished is not None:
+            while finished and not all_finished(True):
+                model(input_ids=prompt_ids[:1, -1:], use_cache=False, logits_to_keep=1)  # output unused
+            if not finished:
+                all_finished(False)
+        if finished:
             break
         if 4 * done >= rows.numel():
             keep = alive.nonzero().squeeze(1)                                             # (A',)
@@ -164,7 +177,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
             model, prompt_ids, prompt_mask, num_generations=num_generations,
             max_completion_length=max_completion_length, eos_ids=eos_ids, pad_id=pad, greedy=greedy,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            repetition_penalty=repetition_penalty)                                          # (B*G, C)
+            repetition_penalty=repetition_penalty, all_finished=_all_finished(model))      # (B*G, C)
     finally:
         model.train(was_training)
     prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)                         # (B*G, P)
@@ -179,6 +192,14 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                    completion_mask=completion_mask, texts=texts, terminated=terminated, lengths=lengths,
                    temperature=1.0 if greedy else temperature)
+
+
+def _all_finished(model) -> Optional[Callable[[bool], bool]]:
+    """For a model sharded by FSDP2: whether a flag holds on every rank (sample_completions)."""
+    if not isinstance(model, FSDPModule):
+        return None
+    world = distributed.setup()
+    return lambda flag: distributed.all_true(world, flag)
 
 
 @register_backend("hf")

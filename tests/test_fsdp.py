@@ -1,0 +1,159 @@
+"""Online GRPO sharded by FSDP2 on 2 CPU processes (gloo), launched as a user launches it:
+`accelerate launch --config_file configs/accelerate/fsdp2.yaml`.
+
+* One step on fixed rollouts, every weight trained (the tied embedding / LM head included) and
+  its log-probs from the Triton kernel (interpreted) reading the LM head that FSDP2 gathers:
+  2 sharded ranks with a prompt share each make the update one unsharded process makes with
+  both shares, for each loss type's normalizer and both scale_rewards.
+* A LoRA step the same way (frozen, sharded base; the adapter's shards trained).
+* A short tiny-online run: hf rollouts of different lengths on the two ranks (a rank that
+  finishes decoding first keeps step with the other), each metrics row once, both ranks'
+  completions, a whole model written once, and a run stopped at step 3 and resumed under 2
+  ranks ending bit for bit where the straight run ends.
+* What FSDP2 cannot run is refused in one line: a 4-bit base, FSDP1.
+
+This file is also the launched child (`--child`), sharing test_online_ddp's configs and rollouts.
+
+    pytest tests/test_fsdp.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_online_ddp import B, CASES, PROMPTS, UPDATE_RTOL, fixed_rollout, free_port, rel_err, run_cfg, step_cfg  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
+
+
+def one_step(out: Path, loss_type: str, scale: str, ga: int, records: list[dict], *, lora: bool = False,
+             backend: str = "auto") -> tuple[list[torch.Tensor], dict]:
+    """The trainer's whole weights after one step on `records` with fixed rollouts, and its metrics."""
+    from grpo_fast.online import OnlineTrainer
+
+    cfg = step_cfg(out, loss_type, scale, ga)
+    cfg.lora.enabled = lora
+    cfg.logprob_backend = backend
+    trainer = OnlineTrainer(cfg)
+    trainer.generate = lambda prompts: fixed_rollout(trainer.tokenizer, list(prompts))
+    metrics, _ = trainer.step(records)
+    whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in trainer.model.parameters()]
+    return [p.detach().clone() for p in whole], metrics
+
+
+def child(args) -> None:
+    """Runs under accelerate launch: `step` saves rank 0's whole weights and metrics after each
+    case's step; `run` trains (or resumes) tiny-online."""
+    from grpo_fast import distributed
+    from grpo_fast.online import OnlineTrainer
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    world = distributed.setup()
+    assert world.sharded, world
+    if args.child == "step":
+        records = [{"prompt": p, "answer": p[0] * 3} for p in PROMPTS]
+        share = records[world.rank * 2 * B:(world.rank + 1) * 2 * B]          # 2 micro-batches of B per rank
+        cases = [(*case, False) for case in CASES] + [("dapo", "batch", True)]
+        for loss_type, scale, lora in cases:
+            name = f"{loss_type}-{scale}{'-lora' if lora else ''}"
+            weights, metrics = one_step(out / name, loss_type, scale, 2, share, lora=lora, backend="triton")
+            if world.main:
+                torch.save({"weights": weights, "metrics": metrics}, out / f"{name}.pt")
+        return
+    OnlineTrainer(run_cfg(out, args.steps), resume=args.resume).train()
+
+
+def launch(tmp_path: Path, *args: str, config: Path = FSDP2, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
+    done = subprocess.run(["accelerate", "launch", "--config_file", str(config), "--num_processes", "2",
+                           "--main_process_port", str(free_port()), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    if check:
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_two_sharded_ranks_make_the_update_one_process_makes(tmp_path):
+    from grpo_fast.online import OnlineTrainer
+
+    launch(tmp_path, __file__, "--child", "step", "--out", str(tmp_path / "fsdp"))
+    records = [{"prompt": p, "answer": p[0] * 3} for p in PROMPTS]
+    for loss_type, scale, lora in [(*case, False) for case in CASES] + [("dapo", "batch", True)]:
+        cfg = step_cfg(tmp_path / f"start-{lora}", "grpo", "group", 4)
+        cfg.lora.enabled = lora
+        start = [p.detach().clone() for p in OnlineTrainer(cfg).model.parameters()]
+        name = f"{loss_type}-{scale}{'-lora' if lora else ''}"
+        want, metrics = one_step(tmp_path / f"one-{name}", loss_type, scale, 4, records, lora=lora,
+                                 backend="triton")
+        got = torch.load(tmp_path / "fsdp" / f"{name}.pt", weights_only=True)
+        assert len(got["weights"]) == len(want)
+        err = rel_err(got["weights"], want, start)
+        assert err < UPDATE_RTOL, f"{name}: the sharded update differs from one process's by {err:.3g}"
+        assert abs(got["metrics"]["grad_norm"] / metrics["grad_norm"] - 1) < 1e-4, name
+        for key in ("reward", "reward_std", "completions/mean_length"):
+            assert abs(got["metrics"][key] - metrics[key]) < 1e-6, (name, key)
+        assert abs(got["metrics"]["loss"] - metrics["loss"]) < 1e-5 * max(1.0, abs(metrics["loss"])), name
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_sharded_run_logs_once_saves_whole_and_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from grpo_fast.rundir import read_jsonl
+
+    launch(tmp_path, __file__, "--child", "run", "--out", str(tmp_path / "straight"), "--steps", "6")
+    straight = tmp_path / "straight"
+    rows = read_jsonl(straight / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [3, 6]
+    completions = read_jsonl(straight / "completions.jsonl")
+    assert len(completions) == 6 * 2 * 2 * 4, "each step: 2 ranks x 2 prompts x G = 4"
+    assert len({r["prompt"] for r in completions if r["step"] == 1}) == 4, "the two ranks sampled different prompts"
+    # The whole model, as one process writes it: every tensor at its full shape.
+    final = load_file(straight / "model.safetensors")
+    assert final["model.embed_tokens.weight"].shape == (259, 64)
+    assert (straight / "checkpoint-6" / "rng_state-rank1.safetensors").is_file()
+
+    resumed = tmp_path / "resumed"
+    launch(tmp_path, __file__, "--child", "run", "--out", str(resumed), "--steps", "3")
+    launch(tmp_path, __file__, "--child", "run", "--out", str(resumed), "--steps", "6", "--resume")
+    assert digest(resumed / "model.safetensors") == digest(straight / "model.safetensors")
+    assert [r["step"] for r in read_jsonl(resumed / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
+
+
+def test_what_fsdp2_cannot_shard_is_refused_in_one_line(tmp_path):
+    train = ["--no_python", "grpo-fast", "train", "--config", str(ROOT / "configs" / "tiny-online.yaml"),
+             "--set", f"output_dir={tmp_path / 'run'}"]
+    # The launcher exits 1 when a child fails; the child's own status is in its report.
+    done = launch(ROOT, *train, "--set", "quantization.load_in_4bit=true", "--set", "lora.enabled=true", check=False)
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr
+    assert "grpo-fast train: error: quantization.load_in_4bit: a bitsandbytes base cannot be sharded by FSDP2" \
+        in done.stderr
+    fsdp1 = tmp_path / "fsdp1.yaml"
+    fsdp1.write_text(FSDP2.read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
+    done = launch(ROOT, *train, config=fsdp1, check=False)
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr
+    assert "fsdp_version is 1: grpo-fast runs FSDP2" in done.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", choices=["step", "run"], required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--resume", action="store_true")
+    child(parser.parse_args())

@@ -40,6 +40,13 @@ class LMHead:
     bias: Optional[torch.Tensor]  # (V,) or None
     # Multiplier folded into the temperature: logits = (h W^T + b) * scale.
     scale: float
+    module: torch.nn.Module  # the output embedding that holds weight and bias
+
+    def apply(self, fn: Callable[[], Any]) -> Any:
+        """`fn()`, which reads `weight`, run as the head module's forward: DeepSpeed ZeRO-3
+        gathers a module's partitioned weight only around its forward (and again for its
+        backward), so the kernel reads the whole (V, H) weight there; elsewhere it is a plain call."""
+        return _run_as_forward(self.module, self.module, fn)
 
 
 def lm_head(model) -> LMHead:
@@ -63,7 +70,7 @@ def lm_head(model) -> LMHead:
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding (LM head) weight")
-    return LMHead(weight=head.weight, bias=getattr(head, "bias", None), scale=scale)
+    return LMHead(weight=head.weight, bias=getattr(head, "bias", None), scale=scale, module=head)
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -91,9 +98,9 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     log-probs count (the completion), 0 on prompt and padding. Returns (B,) float32."""
     hidden, targets, mask = _shifted(model, input_ids, attention_mask, completion_mask)
     head = lm_head(model)
-    return kernels.sequence_logprobs(
+    return head.apply(lambda: kernels.sequence_logprobs(
         hidden, head.weight, targets, mask.to(hidden.dtype if hidden.is_floating_point() else torch.float32),
-        temperature=temperature / head.scale, normalize=normalize, bias=head.bias, backend=backend)
+        temperature=temperature / head.scale, normalize=normalize, bias=head.bias, backend=backend))
 
 
 # Attention implementations that take explicit varlen boundaries (`cu_seq_lens_*`, computed
@@ -204,9 +211,9 @@ def scored_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, sel: tor
     (B, T), targets (B, T). Returns (logps, entropy), (B, T) float32, zero where sel is False;
     entropy is detached (a metric)."""
     head = lm_head(model)
-    logp_sel, ent_sel = kernels.token_logprobs(
+    logp_sel, ent_sel = head.apply(lambda: kernels.token_logprobs(
         hidden, head.weight, targets[sel], temperature=temperature / head.scale,
-        bias=head.bias, backend=backend, return_entropy=True)            # (n,), (n,)
+        bias=head.bias, backend=backend, return_entropy=True))           # (n,), (n,)
     zeros = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
     return zeros.masked_scatter(sel, logp_sel), zeros.masked_scatter(sel, ent_sel.detach())
 
@@ -299,12 +306,17 @@ def as_forward(model, fn: Callable[[torch.nn.Module], Any]) -> Any:
         inner = model
     else:
         return fn(model)
-    # An instance attribute shadows the class's forward; one already there (a hook's wrapper)
-    # is put back after.
+    return _run_as_forward(model, inner, lambda: fn(inner))
+
+
+def _run_as_forward(outer: torch.nn.Module, inner: torch.nn.Module, fn: Callable[[], Any]) -> Any:
+    """`fn()` as `inner`'s forward, called through `outer` (inner itself or a wrapper whose forward
+    calls it), so every hook of both runs around it. An instance attribute shadows the class's
+    forward; one already there (a hook's wrapper) is put back after."""
     saved = inner.__dict__.get("forward")
-    inner.forward = lambda: fn(inner)
+    inner.forward = fn
     try:
-        return model()
+        return outer()
     finally:
         del inner.forward
         if saved is not None:

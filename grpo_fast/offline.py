@@ -16,7 +16,11 @@ Data-parallel through HF's own distributed support (gloo on CPU, NCCL on GPUs):
     accelerate launch --multi_gpu --num_processes 2 --no_python grpo-fast train --config ...
 
 (accelerate's --multi_gpu is its torchrun launcher, CPU processes included; without it, and
-without an accelerate config, it starts one process.)
+without an accelerate config, it starts one process.) An FSDP2 or DeepSpeed accelerate config
+(configs/accelerate/) is HF's and accelerate's to apply, on GPUs (on a CPU accelerate runs DDP);
+the loss runs the kernel inside the sharded model's forward (grpo_fast.logprobs.as_forward,
+LMHead.apply), where the LM head is whole, and the final model is gathered whole before it is
+written. A 4-bit base under FSDP2 is refused (grpo_fast.distributed.check).
 
 `batch_size` is per process: N processes at batch_size b train on the same global batches, in the
 same order, as one process at N*b (tests/test_offline_ddp.py). The main process alone writes the
@@ -39,8 +43,8 @@ import datasets
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from . import logprobs
-from .config import Config
+from . import distributed, logprobs
+from .config import Config, ConfigError
 from .data import GroupCollator, load_offline_dataset
 from .listwise import listwise_kl_loss, listwise_metrics
 from .modeling import load_model_and_tokenizer
@@ -224,6 +228,12 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
         return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
 
+def _sharded(trainer: Trainer) -> bool:
+    """Whether HF's Trainer holds the model sharded: FSDP, or DeepSpeed ZeRO-3."""
+    return bool(trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and
+                                            trainer.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3))
+
+
 def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = None) -> dict:
     """Train offline; `checked` is what grpo_fast.preflight.preflight returned, if the caller ran it."""
     # Every path and the output directory are checked before any model loads.
@@ -232,6 +242,15 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
     # known: each process loads onto its own device, and only the main one writes or logs.
     args = training_arguments(cfg)
     main = args.should_save
+    world = distributed.World(rank=args.process_index, size=args.world_size, strategy=distributed.strategy())
+    try:
+        distributed.check(cfg, world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if world.sharded and not torch.cuda.is_available():
+        # accelerate builds FSDP (and DeepSpeed) only on GPUs; HF's Trainer then runs DDP.
+        logger.warning("accelerate shards with FSDP2 on GPUs only: this CPU run is data-parallel (DDP), "
+                       "every process holding the whole model")
     if not args.should_log:
         # As HF quiets transformers on the other processes (log_level_replica).
         logging.getLogger(__package__).setLevel(logging.WARNING)
@@ -273,8 +292,10 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
     except TrainingStopped as e:
         raise TrainingStopped(f"{e}; checkpoints saved so far are in {cfg.output_dir}") from None
     # trainer.model is the model inside any DDP wrapper, identical on every process after the
-    # last all-reduced step: one copy is written.
+    # last all-reduced step: one copy is written. Sharded (FSDP2, ZeRO-3), it is gathered whole
+    # first, every process taking part.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if _sharded(trainer) else None
     if main:
-        save_final(cfg, trainer.model, tokenizer, cfg.output_dir)
+        save_final(cfg, trainer.model, tokenizer, cfg.output_dir, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
     return result.metrics

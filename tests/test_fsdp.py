@@ -10,6 +10,10 @@
   finishes decoding first keeps step with the other), each metrics row once, both ranks'
   completions, a whole model written once, and a run stopped at step 3 and resumed under 2
   ranks ending bit for bit where the straight run ends.
+* Offline's log-probs of a padded batch of groups (grpo_fast.logprobs.group_logprobs, the
+  Triton kernel on the gathered LM head), policy and adapter-disabled reference, with the
+  gradient of every weight: a sharded model gives what the whole one gives. (HF's Trainer runs
+  the offline loop; accelerate shards it with FSDP2 on GPUs only and runs DDP on a CPU.)
 * What FSDP2 cannot run is refused in one line: a 4-bit base, FSDP1.
 
 This file is also the launched child (`--child`), sharing test_online_ddp's configs and rollouts.
@@ -60,6 +64,10 @@ def child(args) -> None:
     out = Path(args.out)
     world = distributed.setup()
     assert world.sharded, world
+    if args.child == "offline":
+        for lora in (False, True):
+            offline_logps_match(out, lora)
+        return
     if args.child == "step":
         records = [{"prompt": p, "answer": p[0] * 3} for p in PROMPTS]
         share = records[world.rank * 2 * B:(world.rank + 1) * 2 * B]          # 2 micro-batches of B per rank
@@ -71,6 +79,48 @@ def child(args) -> None:
                 torch.save({"weights": weights, "metrics": metrics}, out / f"{name}.pt")
         return
     OnlineTrainer(run_cfg(out, args.steps), resume=args.resume).train()
+
+
+def offline_logps_match(out: Path, lora: bool) -> None:
+    """Sequence log-probs (policy and reference) and gradients of one offline batch from a model
+    sharded by FSDP2 against the same model whole, in this process."""
+    from grpo_fast import distributed
+    from grpo_fast.logprobs import group_logprobs
+    from grpo_fast.modeling import load_model_and_tokenizer
+
+    cfg = step_cfg(out / f"offline-{lora}", "grpo", "group", 1)
+    cfg.lora.enabled = lora
+    gen = torch.Generator().manual_seed(1)
+    B, K, T = 2, 3, 9
+    batch = {"input_ids": torch.randint(3, 200, (B, K, T), generator=gen),
+             "attention_mask": torch.ones(B, K, T, dtype=torch.long),
+             "completion_mask": torch.zeros(B, K, T, dtype=torch.long),
+             "group_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    batch["completion_mask"][..., 4:] = 1
+    batch["attention_mask"][0, 1, -2:] = 0                         # a shorter completion
+    batch["completion_mask"][0, 1, -2:] = 0
+    upstream = torch.randn(B, K, generator=gen)
+    results = []
+    for sharded in (False, True):
+        torch.manual_seed(0)
+        model, _ = load_model_and_tokenizer(cfg, device=torch.device("cpu"))
+        if sharded:
+            distributed.shard(model)
+        seq = group_logprobs(model, batch, backend="triton")                          # (B, K)
+        (seq * upstream).sum().backward()
+        ref = None
+        if lora:
+            with torch.no_grad(), model.disable_adapter():
+                ref = group_logprobs(model, batch, backend="triton")
+        grads = [distributed.local(p.grad) for p in model.parameters() if p.requires_grad]
+        results.append((seq.detach(), ref, grads))
+    (want, want_ref, want_grads), (got, got_ref, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if lora:
+        torch.testing.assert_close(got_ref, want_ref, rtol=1e-5, atol=1e-5)
+    assert len(got_grads) == len(want_grads)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 def launch(tmp_path: Path, *args: str, config: Path = FSDP2, check: bool = True) -> subprocess.CompletedProcess:
@@ -103,6 +153,10 @@ def test_two_sharded_ranks_make_the_update_one_process_makes(tmp_path):
         for key in ("reward", "reward_std", "completions/mean_length"):
             assert abs(got["metrics"][key] - metrics[key]) < 1e-6, (name, key)
         assert abs(got["metrics"]["loss"] - metrics["loss"]) < 1e-5 * max(1.0, abs(metrics["loss"])), name
+
+
+def test_offline_logps_and_gradients_of_a_sharded_model_are_the_whole_models(tmp_path):
+    launch(tmp_path, __file__, "--child", "offline", "--out", str(tmp_path))
 
 
 def digest(path: Path) -> str:
@@ -152,7 +206,7 @@ def test_what_fsdp2_cannot_shard_is_refused_in_one_line(tmp_path):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--child", choices=["step", "run"], required=True)
+    parser.add_argument("--child", choices=["step", "run", "offline"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--resume", action="store_true")

@@ -124,7 +124,7 @@ def offline_logps_match(out: Path, lora: bool) -> None:
 
 
 def launch(tmp_path: Path, *args: str, config: Path = FSDP2, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
     done = subprocess.run(["accelerate", "launch", "--config_file", str(config), "--num_processes", "2",
                            "--main_process_port", str(free_port()), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, check=False)

@@ -119,7 +119,7 @@ def free_port() -> int:
 
 
 def torchrun(tmp_path: Path, *args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
@@ -176,7 +176,7 @@ def test_a_two_rank_run_logs_once_and_resumes_exactly(tmp_path):
 def test_the_shipped_accelerate_config_runs_two_ranks(tmp_path):
     from grpo_fast.rundir import read_jsonl
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
     done = subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
                            "--main_process_port", str(free_port()), "--no_python", "grpo-fast", "train",
                            "--config", str(ROOT / "configs" / "tiny-online.yaml"), "--set", f"output_dir={tmp_path / 'run'}",

@@ -1,0 +1,63 @@
+"""DeepSpeed ZeRO through the shipped accelerate configs (configs/accelerate/zero2.yaml,
+zero3.yaml).
+
+* Offline training under ZeRO-2 and ZeRO-3 (HF's Trainer applies them; the loss reads the
+  LM head inside its forward, where ZeRO-3 gathers it): runs to the end, logs every row once
+  and writes the whole model. Needs CUDA and deepspeed, so it runs on GPU machines only.
+* Online mode under DeepSpeed is refused in one line (runs everywhere: the refusal comes before
+  any DeepSpeed code).
+
+    pytest tests/test_deepspeed.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_online_ddp import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None,
+                    reason="DeepSpeed needs CUDA and the deepspeed package")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_offline_trains_under_zero(tmp_path, stage):
+    from safetensors.torch import load_file
+
+    from grpo_fast.rundir import read_jsonl
+
+    out = tmp_path / "run"
+    procs = min(2, torch.cuda.device_count())
+    done = subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"zero{stage}.yaml"),
+                           "--num_processes", str(procs), "--main_process_port", str(free_port()), "--no_python",
+                           "grpo-fast", "train", "--config", str(ROOT / "configs" / "tiny-offline.yaml"),
+                           "--set", f"output_dir={out}", "--set", "max_steps=4", "--set", "logging_steps=1",
+                           "--set", "lora.enabled=false", "--set", "save_steps=2"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    weights = load_file(out / "model.safetensors")
+    assert weights["model.embed_tokens.weight"].shape == (259, 64), "the saved model is whole"
+
+
+def test_online_under_deepspeed_is_refused_in_one_line(tmp_path):
+    env = {**ENV, "ACCELERATE_USE_DEEPSPEED": "true", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--no-python",
+                           "grpo-fast", "train", "--config", str(ROOT / "configs" / "tiny-online.yaml"),
+                           "--set", f"output_dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr, done.stderr[-3000:]
+    assert "grpo-fast train: error: the accelerate config's distributed_type: DEEPSPEED is not supported in online " \
+        "mode" in done.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

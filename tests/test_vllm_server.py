@@ -10,7 +10,8 @@ What must hold for the server's samples to be the trained policy's:
 * rollouts repeat for the same torch seed; a second run takes the engine over (kept, as its
   model is the same) and the first run's requests are refused, not mixed in;
 * two trainer ranks (torchrun) against one server train, each sampling the current policy;
-* no server at the address: one line naming the key, exit status 2, before any model loads.
+* no server at the address (or one that is not grpo-fast's): one line naming the key, exit
+  status 2, before any model loads.
 
 Where vllm is installed (.ci/run's .venv-vllm, with GRPO_FAST_REQUIRE_VLLM=1, which turns a
 missing vllm into a failure); skipped elsewhere.
@@ -26,8 +27,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -178,14 +181,20 @@ def test_two_trainer_ranks_share_one_server(server, tmp_path):
     assert max(r["sampling/sampling_logp_difference/max"] for r in rows) < SAMPLER_LOGP_ATOL
 
 
-@pytest.mark.parametrize("address", ["base_url", "host_port"])
+@pytest.mark.parametrize("address", ["base_url", "host_port", "not_ours"])
 def test_no_server_is_one_line_and_exit_2_before_any_model_loads(tmp_path, capsys, monkeypatch, address):
     port = free_port()  # nothing listens there
+    expected = f"no server answers at http://127.0.0.1:{port}"
+    if address == "not_ours":  # an HTTP server that is not grpo-fast's (its /health: 501)
+        quiet = type("Quiet", (BaseHTTPRequestHandler,), {"log_message": lambda *a: None})
+        other = ThreadingHTTPServer(("127.0.0.1", port), quiet)
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        expected = f"http://127.0.0.1:{port} answers, but is not `grpo-fast vllm-serve`"
     data = yaml.safe_load(TINY_ONLINE.read_text())
     data.update(output_dir=str(tmp_path / "run"), dataset_path=str(ROOT / "data" / "repeat_letters.jsonl"),
                 eval_dataset_path=str(ROOT / "data" / "repeat_letters.jsonl"), model_path=str(ROOT / data["model_path"]))
     data["online"].update(generation_backend="vllm", vllm_mode="server", vllm_server_timeout=1)
-    if address == "base_url":
+    if address != "host_port":
         data["online"]["vllm_server_base_url"] = f"http://127.0.0.1:{port}"
         key = "online.vllm_server_base_url"
     else:
@@ -196,7 +205,8 @@ def test_no_server_is_one_line_and_exit_2_before_any_model_loads(tmp_path, capsy
     loaded = []
     monkeypatch.setattr("grpo_fast.modeling.load_base_model", lambda *a, **k: loaded.append(1))
     code = main(["train", "--config", str(path)])
+    if address == "not_ours":
+        other.shutdown()
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith(f"grpo-fast train: error: {key}: no server answers at "
-                                                             f"http://127.0.0.1:{port}"), err
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"grpo-fast train: error: {key}: {expected}"), err
     assert not loaded

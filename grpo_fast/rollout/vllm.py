@@ -298,14 +298,21 @@ def wait_for_server(online) -> dict:
     while True:
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                health = json.loads(response.read())
+                body = response.read()
             break
-        except (OSError, ValueError) as e:
+        except urllib.error.HTTPError:
+            body = b""  # something answers, with an error: not a grpo-fast server
+            break
+        except OSError as e:
             if time.monotonic() >= deadline:
                 reason = getattr(e, "reason", e)
                 raise ConfigError(f"{key}: no server answers at {url} after {online.vllm_server_timeout:g} s "
                                   f"({reason}); start one with `grpo-fast vllm-serve --config ...`") from None
             time.sleep(1.0)
+    try:
+        health = json.loads(body)
+    except ValueError:
+        health = None
     if not isinstance(health, dict) or health.get("server") != SERVER_NAME:
         raise ConfigError(f"{key}: {url} answers, but is not `grpo-fast vllm-serve` (a `vllm serve` or "
                           "`trl vllm-serve` cannot hold the trainer's policy)")

@@ -44,6 +44,9 @@ in; tp: vllm_tensor_parallel_size):
     earlier ones finish: about ceil(S / at once) waves of up to max_completion_length decode
     steps each.
 
+With online.vllm_mode server the engine runs on other GPUs (a `vllm-serve` process): the
+trainer's GPU holds neither it nor a rollout phase.
+
 How it adds up with the trainer (grpo_fast.plan.formulas, whose rollout phase the engine
 replaces) is `MemoryPlan.total`: awake throughout, trainer resident + its largest phase + the
 engine's total; with vllm_enable_sleep_mode, the larger of trainer resident + its largest phase
@@ -185,13 +188,22 @@ class EnginePlan:
                 f"{_gib(self.card)} = {_gib(self.total)} leaves {what}; {fix}")
 
 
+def serves_remotely(cfg: Config) -> bool:
+    """online.vllm_mode server: the engine runs on other GPUs, neither it nor the rollout on
+    the trainer's."""
+    return (cfg.mode == "online" and cfg.online.generation_backend == "vllm"
+            and getattr(cfg.online, "vllm_mode", "colocate") == "server")
+
+
 def uses_engine(cfg: Config) -> bool:
-    return cfg.mode == "online" and cfg.online.generation_backend == "vllm"
+    """A vLLM engine colocated on the trainer's GPU."""
+    return cfg.mode == "online" and cfg.online.generation_backend == "vllm" and not serves_remotely(cfg)
 
 
 def engine_plan(cfg: Config, shape: ModelShape, card: Optional[int]) -> Optional[EnginePlan]:
-    """The colocated vLLM engine of an online config with generation_backend vllm (else None),
-    on a card of `card` bytes (None: sizes without a total)."""
+    """The colocated vLLM engine of an online config with generation_backend vllm (else None;
+    None too with vllm_mode server, whose engine is on other GPUs), on a card of `card` bytes
+    (None: sizes without a total)."""
     if not uses_engine(cfg):
         return None
     o, work = cfg.online, workload(cfg)

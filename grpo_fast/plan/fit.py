@@ -10,7 +10,8 @@ total does and vLLM starts (its KV cache holds one max_model_len sequence), whic
 harder as a knob grows: the search stays a binary one. The engine's fraction of the card,
 online.vllm_gpu_memory_utilization, is searched too, in hundredths: the total grows with it,
 and vLLM starting only gets easier, so the largest fraction that fits is the answer unless
-the engine cannot start even there.
+the engine cannot start even there. Under several processes (`parallel`) each value is
+fitted per GPU: batch_size is each process's.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Optional
 from ..config import Config, ConfigError
 from .engine import uses_engine
 from .formulas import estimate
+from .parallel import Parallelism
 from .shapes import ModelShape
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -66,17 +68,19 @@ def _changed(cfg: Config, key: str, value) -> Config:
     return dataclasses.replace(cfg, online=dataclasses.replace(cfg.online, **{key.split(".")[1]: value}))
 
 
-def fit_search(cfg: Config, shape: ModelShape, budget: int, *,
-               group_size: Optional[int] = None) -> dict[str, float]:
+def fit_search(cfg: Config, shape: ModelShape, budget: int, *, group_size: Optional[int] = None,
+               parallel: Optional[Parallelism] = None) -> dict[str, float]:
     """For each knob (dotted config key), the largest value whose plan fits in `budget` bytes
     (the card's memory) with every other key as configured; 0 when not even 1 fits. Online:
     num_generations, max_completion_length (up to the model's context, or to
     vllm_max_model_length when set), batch_size; offline: batch_size. With
-    generation_backend vllm also vllm_gpu_memory_utilization, in hundredths (0: none)."""
+    generation_backend vllm also vllm_gpu_memory_utilization, in hundredths (0: none).
+    `parallel`: the launch, whose per-GPU plan must fit."""
 
     def fits_with(key: str):
         def fits(value: int) -> bool:
-            return estimate(_changed(cfg, key, value), shape, group_size=group_size, card=budget).fits(budget)
+            return estimate(_changed(cfg, key, value), shape, group_size=group_size, card=budget,
+                            parallel=parallel).fits(budget)
         return fits
 
     results: dict[str, float] = {}

@@ -103,25 +103,19 @@ vLLM engine's arithmetic and how each of its config keys moves the plan.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 from ..config import Config, ConfigError
-from .engine import EnginePlan, engine_plan
+from .engine import EnginePlan, engine_plan, serves_remotely
+from .parallel import Parallelism, per_gpu
 from .shapes import ATTN_IN, MLP_IN, ModelShape
-from .inputs import (DTYPE_BYTES, GiB, lora_targets, planned_attention, planned_dtype, precision,
-                       quantized, scores_without_grad, workload)
+from .inputs import (GiB, lora_targets, planned_attention, precision, quantized, scores_without_grad,
+                     workload)
+from .params import optimizer_bytes, trainable_tensor_sizes, weight_bytes
 
 # CUDA context (~0.3-0.4 GiB with lazy module loading) + caching-allocator fragmentation.
 CUDA_OVERHEAD = GiB // 2
-
-# bitsandbytes: 4-bit block size, double-quantization block size (over the absmax values),
-# 8-bit optimizer block size and the size under which it keeps fp32 states.
-NF4_BLOCK = 64
-NF4_NESTED_BLOCK = 256
-OPTIM_8BIT_BLOCK = 256
-OPTIM_8BIT_MIN_SIZE = 4096
 
 # The sampler's copies of the last-position logits: fp32 logits, temperature-scaled logits,
 # top-p's sorted values and int64 indices.
@@ -159,6 +153,15 @@ class MemoryPlan:
     # the colocated vLLM engine (generation_backend vllm; kv_cache and generation_workspace are
     # then 0: the trainer does not generate)
     engine: Optional[EnginePlan] = None
+    # per GPU under several processes (grpo_fast.plan.parallel; None: one process): DDP's
+    # gradient buckets, ZeRO's fp32 master partition, the gathered (unsharded) working copy of
+    # FSDP2 / ZeRO-3 (resident), and the training phase's reduce transient (FSDP2: one layer's
+    # full gradient; ZeRO: the reduce bucket)
+    parallel: Optional[Parallelism] = None
+    ddp_buckets: int = 0
+    master_weights: int = 0
+    gathered_weights: int = 0
+    reduce_buffer: int = 0
 
     @property
     def activations(self) -> int:
@@ -167,7 +170,8 @@ class MemoryPlan:
     @property
     def resident(self) -> int:
         return (self.weights + self.reference_weights + self.lora_params + self.optimizer_states
-                + self.dequant_buffer + self.cuda_overhead)
+                + self.dequant_buffer + self.cuda_overhead + self.ddp_buckets + self.master_weights
+                + self.gathered_weights)
 
     @property
     def generation(self) -> int:
@@ -177,7 +181,8 @@ class MemoryPlan:
     def training(self) -> int:
         # The log-prob step's memory peaks at the end of the forward and is freed first in the
         # backward, before the layers' backward working set exists.
-        return self.activations + self.gradients + max(self.logprob_step, self.backward_workspace)
+        return (self.activations + self.gradients + self.reduce_buffer
+                + max(self.logprob_step, self.backward_workspace))
 
     @property
     def trainer(self) -> int:
@@ -205,54 +210,6 @@ class MemoryPlan:
     def fits(self, budget: int) -> bool:
         """Whether the peak fits in `budget` bytes, and a vLLM engine starts in it."""
         return self.total <= budget and (self.engine is None or self.engine.starts)
-
-
-def quantized_linear_bytes(numel: int, out_features: int, cfg: Config) -> float:
-    """Bytes of one linear weight as bitsandbytes stores it (see the module docstring)."""
-    q = cfg.quantization
-    if q.load_in_4bit:
-        blocks = math.ceil(numel / NF4_BLOCK)
-        if q.double_quant:
-            scales = blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK)
-        else:
-            scales = 4 * blocks
-        return numel / 2 + scales
-    if q.load_in_8bit:
-        return numel + 4 * out_features
-    return numel * DTYPE_BYTES[planned_dtype(cfg)]
-
-
-def weight_bytes(cfg: Config, shape: ModelShape) -> int:
-    p = precision(cfg)
-    linears = shape.num_layers * sum(quantized_linear_bytes(a * b, b, cfg)
-                                     for a, b in shape.linear_shapes().values())
-    return int(linears + shape.unquantized_params * p.weight)
-
-
-def _optimizer_bytes(cfg: Config, tensor_sizes: list[int], param_bytes: int) -> int:
-    """AdamW's two states for tensors of these sizes."""
-    total = 0
-    for n in tensor_sizes:
-        if cfg.optim != "adamw_torch" and n >= OPTIM_8BIT_MIN_SIZE:
-            total += 2 * n + 2 * 4 * math.ceil(n / OPTIM_8BIT_BLOCK)
-        elif cfg.optim != "adamw_torch":
-            total += 2 * 4 * n  # bitsandbytes keeps small tensors' states in fp32
-        else:
-            total += 2 * param_bytes * n  # torch AdamW: states in the parameter's dtype
-    return total
-
-
-def _trainable_tensor_sizes(cfg: Config, shape: ModelShape) -> list[int]:
-    if cfg.lora.enabled:
-        r, dims = cfg.lora.r, shape.linear_shapes()
-        per_layer = [n for m in lora_targets(cfg) for n in (r * dims[m][0], r * dims[m][1])]
-        return per_layer * shape.num_layers
-    h, i = shape.hidden_size, shape.intermediate_size
-    biases = ([shape.q_dim, shape.kv_dim, shape.kv_dim] * shape.qkv_bias + [h] * shape.o_bias
-              + [i, i, h] * shape.mlp_bias)
-    per_layer = [a * b for a, b in shape.linear_shapes().values()] + biases + [h, h]
-    embeddings = [shape.vocab_size * h] * (1 if shape.tie_word_embeddings else 2)
-    return per_layer * shape.num_layers + embeddings + [h]
 
 
 def layer_activation_bytes_per_token(cfg: Config, shape: ModelShape, seq_len: int) -> float:
@@ -333,11 +290,13 @@ def _kernel_bytes(cfg: Config, shape: ModelShape, scored_tokens: int, backward: 
 
 
 def estimate(cfg: Config, shape: ModelShape, *, group_size: Optional[int] = None,
-             card: Optional[int] = None) -> MemoryPlan:
+             card: Optional[int] = None, parallel: Optional[Parallelism] = None) -> MemoryPlan:
     """Peak GPU memory of the config's training step, by component (pure arithmetic).
 
     `group_size`: completions per group, needed for offline configs only. `card`: the GPU's
-    memory in bytes, which a vLLM engine takes its fraction of (without it, no total)."""
+    memory in bytes, which a vLLM engine takes its fraction of (without it, no total).
+    `parallel`: the launch (grpo_fast.plan.parallel), for each GPU's share of it; None: one
+    process."""
     p = precision(cfg)
     work = workload(cfg, group_size)
     S, T, n, n_c = work.sequences, work.seq_len, work.tokens, work.scored_tokens
@@ -345,7 +304,7 @@ def estimate(cfg: Config, shape: ModelShape, *, group_size: Optional[int] = None
     s = p.stream
 
     weights = weight_bytes(cfg, shape)
-    sizes = _trainable_tensor_sizes(cfg, shape)
+    sizes = trainable_tensor_sizes(cfg, shape)
     if cfg.lora.enabled:
         trainable_bytes = p.lora
         lora_params = sum(sizes) * trainable_bytes
@@ -354,14 +313,14 @@ def estimate(cfg: Config, shape: ModelShape, *, group_size: Optional[int] = None
         trainable_bytes = p.weight
         lora_params = 0
         gradients = sum(sizes) * trainable_bytes
-    optimizer = _optimizer_bytes(cfg, sizes, trainable_bytes)
+    optimizer = optimizer_bytes(cfg, sizes, trainable_bytes)
     reference = weights if (not cfg.lora.enabled and scores_without_grad(cfg)) else 0
     largest_linear = max(a * b for a, b in shape.linear_shapes().values())
     dequant = largest_linear * max(p.compute, s) if quantized(cfg) else 0
 
     engine = engine_plan(cfg, shape, card)
     kv_per_token = 2 * L * shape.kv_dim * s
-    if work.generates and engine is None:
+    if work.generates and engine is None and not serves_remotely(cfg):
         kv_cache = S * T * kv_per_token
         prefill = (S * work.prompt_tokens * kv_per_token
                    + _forward_workspace(cfg, shape, S, work.prompt_tokens))
@@ -383,7 +342,7 @@ def estimate(cfg: Config, shape: ModelShape, *, group_size: Optional[int] = None
     grad_bytes = max(s, p.lora) if cfg.lora.enabled else s
     backward_workspace = n * (grad_bytes * i + s * h)
 
-    return MemoryPlan(
+    plan = MemoryPlan(
         weights=int(weights),
         reference_weights=int(reference),
         lora_params=int(lora_params),
@@ -402,3 +361,4 @@ def estimate(cfg: Config, shape: ModelShape, *, group_size: Optional[int] = None
         full_logits=int(n_c * shape.vocab_size * 4 * FULL_LOGITS_COPIES),
         engine=engine,
     )
+    return plan if parallel is None else per_gpu(cfg, shape, plan, parallel)

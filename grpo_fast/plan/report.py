@@ -1,11 +1,15 @@
 """The `grpo-fast plan` report: the setup the config implies, the memory breakdown in GiB (with
 generation_backend vllm, the colocated engine's section in place of the trainer's rollout), the
-total against the card and the fit search.
+total against the card and the fit search; under several processes all of it per GPU, the
+sharded components marked with their share.
 
     grpo-fast plan --config configs/qwen2.5-1.5b-gsm8k-qlora.yaml --gpu-memory 12GiB
+    grpo-fast plan --config configs/tiny-online.yaml --accelerate-config configs/accelerate/fsdp2.yaml \
+        --num-processes 4 --gpu-memory 12GiB
 
     from grpo_fast.plan import plan_command
     print(plan_command(cfg, "12GiB"))
+    print(plan_command(cfg, "12GiB", accelerate_config="configs/accelerate/zero2.yaml", num_processes=4))
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import Config, ConfigError
-from .engine import EnginePlan
+from .engine import EnginePlan, serves_remotely
 from .formulas import GiB, MemoryPlan, estimate
 from .fit import fit_search, parse_memory
+from .parallel import REDUCE_BUCKET_SIZE, Parallelism, parallelism
 from .shapes import model_shape
 from .inputs import lora_param_count, lora_targets, planned_attention, planned_dtype, precision, workload
 
@@ -141,20 +146,76 @@ def _engine_notes(engine: EnginePlan) -> list[str]:
     return lines + ([f"  {problem}"] if problem else [])
 
 
-def plan_command(cfg: Config, gpu_memory: Optional[str] = None) -> str:
+def _parallel_setup(par: Parallelism) -> str:
+    n = par.num_processes
+    if n == 1:
+        return f"{par.label} on 1 process (from {par.source}): nothing to shard, the one-process plan"
+    shares = {"ddp": "everything replicated, plus DDP's gradient buckets",
+              "zero2": f"optimizer states and gradients 1/{n}, weights replicated",
+              "fsdp2": f"weights, gradients, optimizer states 1/{n}, per tensor along dim 0",
+              "zero3": f"weights, gradients, optimizer states 1/{n}, per parameter"}
+    return f"{par.label} on {n} processes (from {par.source}), per GPU: {shares[par.strategy]}"
+
+
+def _share(plan: MemoryPlan, trainable: bool) -> str:
+    """'1/N shard' (or partition) for what the launch splits: weights under FSDP2 / ZeRO-3,
+    trainable state under either and ZeRO-2; '' for the rest."""
+    par = plan.parallel
+    if par is None or par.num_processes == 1 or par.strategy == "ddp" or (not trainable and par.strategy == "zero2"):
+        return ""
+    return f"1/{par.num_processes} {'shard' if par.strategy == 'fsdp2' else 'partition'}"
+
+
+def _noted(label: str, *notes: str) -> str:
+    """`label (note, note)` with the non-empty notes, or the label alone."""
+    shown = [n for n in notes if n]
+    return f"{label} ({', '.join(shown)})" if shown else label
+
+
+def _resident_rows(cfg: Config, plan: MemoryPlan) -> list[tuple[str, Optional[float], str]]:
+    """The resident section; under several processes each split part says its share."""
+    par = plan.parallel
+    weights = _share(plan, trainable=False)
+    rows: list[tuple[str, Optional[float], str]] = [("resident", None, "")]
+    rows.append((_noted("  base weights", weights), plan.weights, ""))
+    if plan.reference_weights:
+        rows.append((_noted("  reference model copy", "beta > 0", weights), plan.reference_weights, ""))
+    if cfg.lora.enabled:
+        rows.append((_noted("  LoRA parameters", weights), plan.lora_params, ""))
+    fp32 = "fp32" if par and par.strategy.startswith("zero") else ""
+    rows.append((_noted("  optimizer states", cfg.optim, fp32, _share(plan, trainable=True)), plan.optimizer_states, ""))
+    if plan.master_weights:
+        rows.append((f"  fp32 master weights (1/{par.num_processes} partition)", plan.master_weights, ""))
+    if plan.ddp_buckets:
+        rows.append(("  DDP gradient buckets (flat copy of the gradients)", plan.ddp_buckets, ""))
+    if plan.gathered_weights:
+        what = ("root + 2 layers" if par.strategy == "fsdp2" and par.reshard_after_forward else
+                "root + every layer" if par.strategy == "fsdp2" else "root + layer + prefetch")
+        rows.append((f"  gathered full weights ({what})", plan.gathered_weights, ""))
+    if plan.dequant_buffer:
+        rows.append(("  dequantization buffer", plan.dequant_buffer, ""))
+    rows.append(("  CUDA context + allocator", plan.cuda_overhead, ""))
+    return rows
+
+
+def plan_command(cfg: Config, gpu_memory: Optional[str] = None, accelerate_config: Optional[str] = None,
+                 num_processes: Optional[int] = None) -> str:
     """The `grpo-fast plan` report: setup, breakdown table in GiB, total vs the card (from
-    `gpu_memory`, else the local CUDA device, else none) and the fit search."""
+    `gpu_memory`, else the local CUDA device, else none) and the fit search; per GPU of the
+    launch `accelerate_config` / `num_processes` describe (grpo_fast.plan.parallel)."""
+    par = parallelism(accelerate_config, num_processes)
     budget, card_name = _card(gpu_memory)
     shape = model_shape(cfg.model_path)
     group_size = offline_group_size(cfg) if cfg.mode == "offline" else None
-    plan = estimate(cfg, shape, group_size=group_size, card=budget)
+    plan = estimate(cfg, shape, group_size=group_size, card=budget, parallel=par)
     engine = plan.engine
     p = precision(cfg)
     work = workload(cfg, group_size)
     attn, attn_reason = planned_attention(cfg)
     dtype_name = {4: "fp32", 2: "bf16" if planned_dtype(cfg) != "float16" else "fp16"}
 
-    lines = [f"VRAM plan for {cfg.model_path} ({cfg.mode} GRPO)"]
+    per_gpu = f", per GPU of {par.num_processes}" if par and par.num_processes > 1 else ""
+    lines = [f"VRAM plan for {cfg.model_path} ({cfg.mode} GRPO){per_gpu}"]
     setup = [
         ("model", f"{_count(shape.num_params)} params: {shape.num_layers} layers, "
                   f"hidden {shape.hidden_size}, "
@@ -179,20 +240,15 @@ def plan_command(cfg: Config, gpu_memory: Optional[str] = None) -> str:
                                f"sequences of {work.seq_len} tokens"))
     setup.append(("attention", f"{attn} ({attn_reason}); gradient checkpointing "
                                f"{'on' if cfg.gradient_checkpointing else 'off'}"))
+    if par is not None:
+        setup.append(("parallel", _parallel_setup(par)))
     lines += [f"  {k:<10} {v}" for k, v in setup]
 
     width = 52
-    rows: list[tuple[str, Optional[float], str]] = [("resident", None, "")]
-    rows.append(("  base weights", plan.weights, ""))
-    if plan.reference_weights:
-        rows.append(("  reference model copy (beta > 0)", plan.reference_weights, ""))
-    if cfg.lora.enabled:
-        rows.append(("  LoRA parameters", plan.lora_params, ""))
-    rows.append((f"  optimizer states ({cfg.optim})", plan.optimizer_states, ""))
-    if plan.dequant_buffer:
-        rows.append(("  dequantization buffer", plan.dequant_buffer, ""))
-    rows.append(("  CUDA context + allocator", plan.cuda_overhead, ""))
-    if work.generates and engine is None:
+    rows = _resident_rows(cfg, plan)
+    if serves_remotely(cfg):
+        rows.append(("rollout: vLLM server on other GPUs (vllm_mode server)", None, ""))
+    elif work.generates and engine is None:
         rows += [("rollout (generate, no grad)", None, ""),
                  (f"  KV cache, {work.sequences} x {work.seq_len} tokens", plan.kv_cache, ""),
                  ("  prefill / sampling workspace", plan.generation_workspace, "")]
@@ -205,9 +261,13 @@ def plan_command(cfg: Config, gpu_memory: Optional[str] = None) -> str:
              (f"  activations{', checkpointed' if cfg.gradient_checkpointing else ''}", plan.activations,
               f"{other_label} checkpointing: {other_activations / GiB:.2f}"),
              ("  backward workspace", plan.backward_workspace, ""),
-             ("  gradients", plan.gradients, ""),
-             (f"  log-prob step ({_KERNEL_LABELS[cfg.logprob_backend]})", plan.logprob_step,
-              f"full logits would need {plan.full_logits / GiB:.2f}")]
+             (_noted("  gradients", _share(plan, trainable=True)), plan.gradients, "")]
+    if plan.reduce_buffer:
+        transient = ("a layer's full gradient" if plan.parallel.strategy == "fsdp2" else
+                     f"reduce bucket, {REDUCE_BUCKET_SIZE:.0e} elements")
+        rows.append((f"  reduce transient ({transient})", plan.reduce_buffer, ""))
+    rows.append((f"  log-prob step ({_KERNEL_LABELS[cfg.logprob_backend]})", plan.logprob_step,
+                 f"full logits would need {plan.full_logits / GiB:.2f}"))
     if engine is not None:
         rows += _engine_rows(cfg, engine, dtype_name[p.weight])
     lines += ["", f"  {'component':<{width}}{'GiB':>8}", "  " + "-" * (width + 8)]
@@ -224,8 +284,12 @@ def plan_command(cfg: Config, gpu_memory: Optional[str] = None) -> str:
     else:
         lines += [f"  {_peak_label(plan):<{width}}{_gib(plan.total)}",
                   f"  {'(as torch.cuda.max_memory_allocated sees it)':<{width}}{_gib(plan.allocated)}"]
-    lines += ["  training = activations + gradients + the larger of the backward workspace and the",
-              "  log-prob step (the latter is freed first in the backward)"]
+    if plan.reduce_buffer:
+        lines += ["  training = activations + gradients + the reduce transient + the larger of the",
+                  "  backward workspace and the log-prob step (the latter is freed first in the backward)"]
+    else:
+        lines += ["  training = activations + gradients + the larger of the backward workspace and the",
+                  "  log-prob step (the latter is freed first in the backward)"]
     if engine is not None:
         lines += _engine_notes(engine)
     if budget is None:
@@ -239,7 +303,7 @@ def plan_command(cfg: Config, gpu_memory: Optional[str] = None) -> str:
             f"does NOT fit: {-headroom / GiB:.2f} GiB over"
     lines += ["", f"  card {card_name} ({budget / GiB:.2f} GiB): {verdict}",
               "  largest that fit, each with the others as configured:"]
-    found = fit_search(cfg, shape, budget, group_size=group_size)
+    found = fit_search(cfg, shape, budget, group_size=group_size, parallel=par)
     column = max(32, *(len(key) + 2 for key in found))
     for key, value in found.items():
         shown = (f"{value:.2f}" if isinstance(value, float) else str(value)) if value else "none (not even 1)"

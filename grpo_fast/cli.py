@@ -3,6 +3,7 @@
     grpo-fast train --config configs/tiny-offline.yaml [--set learning_rate=1e-4 ...] [--resume]
     grpo-fast eval  --config configs/tiny-offline.yaml [--adapter outputs/tiny-offline] [--data F]
     grpo-fast plan  --config configs/qwen2.5-1.5b-gsm8k-qlora.yaml [--gpu-memory 12GiB]
+                    [--accelerate-config configs/accelerate/fsdp2.yaml] [--num-processes 4]
     grpo-fast vllm-serve --config run.yaml [--host H] [--port P]   # for online.vllm_mode: server
     grpo-fast plot  outputs/tiny-online
 
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="estimate peak GPU memory for a config before running it")
     _add_config_args(p)
     p.add_argument("--gpu-memory", help="card memory to plan for, e.g. 12GiB or 24GB")
+    p.add_argument("--accelerate-config", metavar="FILE",
+                   help="plan per GPU for the launch of this accelerate config (configs/accelerate/*.yaml)")
+    p.add_argument("--num-processes", type=int, metavar="N",
+                   help="processes (GPUs) of the launch; overrides the file's count, alone it means DDP")
 
     p = sub.add_parser("vllm-serve", help="serve rollouts from a vLLM engine for trainers with online.vllm_mode: server")
     _add_config_args(p)
@@ -118,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "plan":
         from .plan import plan_command
 
-        print(plan_command(cfg, args.gpu_memory))
+        print(plan_command(cfg, args.gpu_memory, args.accelerate_config, args.num_processes))
     elif args.command == "vllm-serve":
         from .rollout.vllm_server import serve
 

@@ -91,6 +91,9 @@ in the next), plus the engine with generation_backend vllm (grpo_fast.plan.engin
     model's own forward) would need n_c x V x 4 bytes x 3 (logits, log_softmax and its
     gradient): shown for comparison.
 
+One process's plan; per GPU under DDP, FSDP2 or DeepSpeed ZeRO (`estimate(..., parallel=...)`)
+it is reshaped as grpo_fast.plan.parallel's docstring derives.
+
 Not modelled (small): RoPE cos/sin tables, per-module quantization codebooks (~1 KB), the
 optimizer step's temporaries (it runs after the activations are freed), rollout token ids and
 stored log-probs (S x T x 4 bytes each).

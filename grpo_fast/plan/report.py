@@ -182,7 +182,8 @@ def _resident_rows(cfg: Config, plan: MemoryPlan) -> list[tuple[str, Optional[fl
         rows.append((_noted("  reference model copy", "beta > 0", weights), plan.reference_weights, ""))
     if cfg.lora.enabled:
         rows.append((_noted("  LoRA parameters", weights), plan.lora_params, ""))
-    fp32 = "fp32" if par and par.strategy.startswith("zero") else ""
+    # ZeRO's AdamW works on its fp32 master partition (an 8-bit optimizer keeps its own dtype).
+    fp32 = "fp32" if par and par.strategy.startswith("zero") and cfg.optim == "adamw_torch" else ""
     rows.append((_noted("  optimizer states", cfg.optim, fp32, _share(plan, trainable=True)), plan.optimizer_states, ""))
     if plan.master_weights:
         rows.append((f"  fp32 master weights (1/{par.num_processes} partition)", plan.master_weights, ""))

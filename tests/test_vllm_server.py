@@ -168,13 +168,20 @@ def test_rollouts_repeat_for_a_seed_and_a_new_run_takes_the_engine_over(server, 
         first.backend.generate(PROMPTS)
 
 
-def test_two_trainer_ranks_share_one_server(server, tmp_path):
-    """torchrun with 2 CPU ranks (gloo): rank 0 syncs the policy, each rank sends its prompts."""
+# What `accelerate launch --config_file configs/accelerate/fsdp2.yaml` exports to its processes.
+FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_trainer_ranks_share_one_server(server, tmp_path, strategy):
+    """torchrun with 2 CPU ranks (gloo): rank 0 syncs the policy (under FSDP2 gathered whole from
+    both ranks' shards first), each rank sends its prompts."""
     args = overrides(server, tmp_path, "max_steps=3", "logging_steps=1", "lora.enabled=false", "learning_rate=1e-2")
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": "", **(FSDP2_ENV if strategy == "fsdp2" else {})}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--no-python",
                            GRPO_FAST, "train", "--config", str(TINY_ONLINE), *[f"--set={a}" for a in args]],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, check=False)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 3 and all("time/weight_sync" in r for r in rows[1:])

@@ -65,7 +65,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
+from .. import distributed
 from ..config import ConfigError
 from . import (Rollout, RolloutBackend, completion_mask_after_eos, register_backend, sampling_settings,
                tokenize_prompts)
@@ -461,6 +463,11 @@ class VLLMBackend(RolloutBackend):
                 from peft import get_peft_model_state_dict
 
                 adapter = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+            if isinstance(model, FSDPModule):
+                # Sharded (FSDP2): every rank gathers each tensor whole, a collective in the same
+                # order everywhere; rank 0 sends them.
+                weights = weights and [(name, distributed.local(t)) for name, t in weights]
+                adapter = adapter and {k: distributed.local(v) for k, v in adapter.items()}
             self.engine.sync(weights, adapter)
         self.synced = True
         self.sync_seconds.append(time.perf_counter() - started)

@@ -56,6 +56,8 @@ class PolicyServer:
         self.online = cfg.online
         self.engine: Optional[Engine] = None
         self.run: Optional[str] = None
+        # Runs that owned the engine and lost it to a newer one: their waiting requests give up.
+        self.past_runs: set[str] = set()
         self.version = -1        # the last published policy version (-1: none yet)
         self.chunks: dict = {}   # weights received since the last reload
         # Every engine call runs on this one thread, one at a time: vLLM's CPU worker sets the
@@ -93,6 +95,8 @@ class PolicyServer:
                 self.engine = Engine(spec, self.online)
             self.chunks = {}
             with self.published:
+                if self.run is not None and self.run != run:
+                    self.past_runs.add(self.run)
                 self.run, self.version = run, -1
                 self.published.notify_all()
             return {}
@@ -132,7 +136,10 @@ class PolicyServer:
     def generate(self, run: str, body: bytes, version: str, wait: str) -> dict:
         version, request = int(version), json.loads(body)
         with self.published:
-            if not self.published.wait_for(lambda: self.run != run or self.version >= version, float(wait)):
+            # Until this run owns the engine and rank 0 has published the version (another rank
+            # may ask before rank 0's engine request is through), or a newer run took over.
+            if not self.published.wait_for(lambda: run in self.past_runs or (self.run == run and self.version >= version),
+                                           float(wait)):
                 raise TimeoutError(f"policy version {version} did not arrive within {float(wait):g} s "
                                    f"(the server holds {self.version}): did rank 0 stop?")
 

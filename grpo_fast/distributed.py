@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-STRATEGIES = ("ddp", "fsdp2", "deepspeed")
+STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    # "ddp", "fsdp2" or "deepspeed": what the launcher's accelerate config asks for (`strategy`).
+    # One of STRATEGIES: what the launcher's accelerate config asks for (`strategy`).
     strategy: str = "ddp"
 
     @property
@@ -60,10 +60,15 @@ def _flag(name: str, default: str = "false") -> bool:
 
 def strategy() -> str:
     """The strategy of the accelerate config this process was launched with (from the variables
-    `accelerate launch` exports); "ddp" under torchrun or a config without FSDP or DeepSpeed.
-    FSDP1 is refused: FSDP2 is its successor, and the only one that shards per parameter."""
+    `accelerate launch` exports): "fsdp2", "zero2" / "zero3" (DeepSpeed's ZeRO stage), or "ddp"
+    under torchrun or a config without FSDP or DeepSpeed. FSDP1 is refused: FSDP2 is its
+    successor, and the only one that shards per parameter; so are ZeRO stages 0 and 1."""
     if _flag("ACCELERATE_USE_DEEPSPEED"):
-        return "deepspeed"
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        if stage not in ("2", "3"):
+            raise ValueError(f"the accelerate config's deepspeed_config.zero_stage is {stage}: grpo-fast runs ZeRO-2 "
+                             "or ZeRO-3 (configs/accelerate/zero2.yaml, zero3.yaml)")
+        return f"zero{stage}"
     if _flag("ACCELERATE_USE_FSDP"):
         version = os.environ.get("FSDP_VERSION", "1")
         if version != "2":
@@ -86,16 +91,21 @@ def setup() -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, strategy())
 
 
-def check(cfg, world: World) -> None:
-    """Refuse, naming the key, what the launcher's strategy cannot run (ValueError)."""
-    if world.size == 1:
-        return
-    if world.strategy == "deepspeed" and cfg.mode == "online":
-        raise ValueError("the accelerate config's distributed_type: DEEPSPEED is not supported in online mode: "
-                         "shard with configs/accelerate/fsdp2.yaml (ZeRO-3's sharding) or replicate with ddp.yaml")
-    if world.strategy != "fsdp2":
+def check(cfg, size: int, strategy: str) -> None:
+    """Refuse, naming the key, what `strategy` over `size` processes cannot run (ValueError); the
+    trainers call it at start, the planner (grpo_fast.plan) before it plans."""
+    if size == 1:
         return
     q = cfg.quantization
+    if strategy.startswith("zero") and cfg.mode == "online":
+        raise ValueError("the accelerate config's distributed_type: DEEPSPEED is not supported in online mode: "
+                         "shard with configs/accelerate/fsdp2.yaml (ZeRO-3's sharding) or replicate with ddp.yaml")
+    if strategy == "zero3" and (q.load_in_4bit or q.load_in_8bit):
+        raise ValueError(f"quantization.load_in_{4 if q.load_in_4bit else 8}bit: ZeRO-3 partitions every weight, and "
+                         "bitsandbytes' quantized ones do not survive it: run QLoRA with configs/accelerate/zero2.yaml "
+                         "or ddp.yaml")
+    if strategy != "fsdp2":
+        return
     if q.load_in_4bit or q.load_in_8bit:
         raise ValueError(f"quantization.load_in_{4 if q.load_in_4bit else 8}bit: a bitsandbytes base cannot be "
                          "sharded by FSDP2 (fully_shard makes every parameter a DTensor, which drops the "

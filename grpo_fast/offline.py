@@ -244,7 +244,7 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
     main = args.should_save
     world = distributed.World(rank=args.process_index, size=args.world_size, strategy=distributed.strategy())
     try:
-        distributed.check(cfg, world)
+        distributed.check(cfg, world.size, world.strategy)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if world.sharded and not torch.cuda.is_available():

@@ -105,7 +105,7 @@ class OnlineTrainer:
         # accelerate config says (grpo_fast.distributed); a world of one otherwise.
         try:
             self.world = distributed.setup()
-            distributed.check(cfg, self.world)
+            distributed.check(cfg, self.world.size, self.world.strategy)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         # One seed for the weights on every rank (FSDP2 shards what each rank loaded, and a

@@ -155,8 +155,10 @@ TRL_FIELDS: dict[str, tuple[Optional[str], str]] = {
     **_none("not used: the token count of a global normalizer is always summed over ranks",
             "average_tokens_across_devices"),
     **_none("not used: the main process logs and saves, once", "log_on_each_node save_on_each_node"),
-    **_none("not supported yet: data parallel is plain DDP (no FSDP or DeepSpeed)",
-            "fsdp fsdp_config deepspeed ds3_gather_for_generation parallelism_config"),
+    **_none("not used: the accelerate config file chooses DDP, FSDP2 or DeepSpeed (configs/accelerate/; "
+            "README Multi-GPU and multi-node)", "fsdp fsdp_config deepspeed parallelism_config"),
+    **_none("not used: FSDP2 rollouts gather each layer as it runs (online DeepSpeed is refused)",
+            "ds3_gather_for_generation"),
     **_none("not used: HF Trainer plumbing, which grpo-fast's own loop has no counterpart for",
             "logging_first_step include_num_input_tokens_seen log_level log_level_replica disable_tqdm "
             "prediction_loss_only eval_do_concat_batches eval_use_gather_object eval_accumulation_steps "

@@ -74,6 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .. import distributed
 from ..config import Config, ConfigError
 from .engine import uses_engine
 from .params import Tensor, layer_tensors, optimizer_bytes, root_tensors
@@ -188,12 +189,10 @@ def check(cfg: Config, par: Parallelism) -> None:
         raise ConfigError(f"online.generation_backend: a colocated vLLM engine is refused by the trainer under "
                           f"{par.num_processes} processes; use hf, or online.vllm_mode: server (the engine on "
                           "other GPUs)")
-    q = cfg.quantization
-    if par.strategy == "fsdp2" and (q.load_in_4bit or q.load_in_8bit):
-        bits = "4-bit (QLoRA)" if q.load_in_4bit else "8-bit"
-        raise ConfigError(f"quantization.load_in_{4 if q.load_in_4bit else 8}bit: a {bits} base cannot be sharded "
-                          f"by FSDP2 (bitsandbytes' quantized parameters cannot be split by fully_shard) and the "
-                          f"trainer refuses it; plan it under ddp.yaml or zero2.yaml")
+    try:
+        distributed.check(cfg, par.num_processes, par.strategy)
+    except ValueError as e:
+        raise ConfigError(f"{e} (the trainer refuses it)") from None
 
 
 def fsdp_local_rows(rows: int, n: int, rank: Optional[int] = None) -> int:

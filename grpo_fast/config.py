@@ -127,6 +127,10 @@ class OnlineConfig:
     # Which rollout backend generates the completions (grpo_fast/rollout/): `hf` decodes with the
     # policy's own forward, `vllm` runs a vLLM engine in this process (pip install 'grpo-fast[vllm]').
     generation_backend: str = "hf"
+    # FSDP2 (TRL's name, from ZeRO-3): gather the sharded policy whole for each hf rollout, one
+    # all-gather per layer instead of one per layer and decoded token (benchmarks/README.md has
+    # the timing); false decodes sharded, for a policy one GPU cannot hold whole.
+    ds3_gather_for_generation: bool = True
     # TRL's spelling: true is generation_backend: vllm.
     use_vllm: bool = False
     # Where the vllm backend's engine runs. colocate: in the trainer's process, on its GPU (TRL's

@@ -24,12 +24,14 @@ finished decoding keep step with the others (grpo_fast.rollout.hf).
 from __future__ import annotations
 
 import os
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 
 STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
@@ -153,6 +155,27 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
         fully_shard(layer, **options)
     fully_shard(model, **options)
     return model
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Every FSDP2 unit of `model` gathered whole for the duration, its forwards then free of
+    collectives, and resharded after (a no-op for a model FSDP2 does not shard)."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            # The root stays gathered from forward to backward (FSDP2's own choice for it).
+            unit.set_reshard_after_forward(unit is not model and _flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
+                                           recurse=False)
 
 
 def _no_split_modules(model: torch.nn.Module) -> set[str]:

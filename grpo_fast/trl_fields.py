@@ -139,6 +139,8 @@ TRL_FIELDS: dict[str, tuple[Optional[str], str]] = {
     "vllm_importance_sampling_mode": ("online.vllm_importance_sampling_mode", ""),
     "vllm_importance_sampling_clip_max": ("online.vllm_importance_sampling_clip_max", ""),
     "vllm_importance_sampling_clip_min": ("online.vllm_importance_sampling_clip_min", ""),
+    "ds3_gather_for_generation": ("online.ds3_gather_for_generation", "applies to FSDP2 (online mode refuses "
+                                  "DeepSpeed)"),
     "vllm_importance_sampling_cap": ("online.vllm_importance_sampling_clip_max", "TRL's deprecated name"),
     "vllm_mode": ("online.vllm_mode", "server means `grpo-fast vllm-serve` (not `trl vllm-serve`); it also runs "
                   "under several trainer processes"),
@@ -157,8 +159,7 @@ TRL_FIELDS: dict[str, tuple[Optional[str], str]] = {
     **_none("not used: the main process logs and saves, once", "log_on_each_node save_on_each_node"),
     **_none("not used: the accelerate config file chooses DDP, FSDP2 or DeepSpeed (configs/accelerate/; "
             "README Multi-GPU and multi-node)", "fsdp fsdp_config deepspeed parallelism_config"),
-    **_none("not used: FSDP2 rollouts gather each layer as it runs (online DeepSpeed is refused)",
-            "ds3_gather_for_generation"),
+
     **_none("not used: HF Trainer plumbing, which grpo-fast's own loop has no counterpart for",
             "logging_first_step include_num_input_tokens_seen log_level log_level_replica disable_tqdm "
             "prediction_loss_only eval_do_concat_batches eval_use_gather_object eval_accumulation_steps "

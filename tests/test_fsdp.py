@@ -10,6 +10,9 @@
   finishes decoding first keeps step with the other), each metrics row once, both ranks'
   completions, a whole model written once, and a run stopped at step 3 and resumed under 2
   ranks ending bit for bit where the straight run ends.
+* hf rollouts of a sharded policy, gathered whole for the decoding (ds3_gather_for_generation)
+  or decoded sharded with the ranks in step (each rank's prompts ending at different lengths),
+  sample exactly what the whole model samples from the same seed.
 * Offline's log-probs of a padded batch of groups (grpo_fast.logprobs.group_logprobs, the
   Triton kernel on the gathered LM head), policy and adapter-disabled reference, with the
   gradient of every weight: a sharded model gives what the whole one gives. (HF's Trainer runs
@@ -64,6 +67,9 @@ def child(args) -> None:
     out = Path(args.out)
     world = distributed.setup()
     assert world.sharded, world
+    if args.child == "decode":
+        sharded_rollouts_match(out, world.rank)
+        return
     if args.child == "offline":
         for lora in (False, True):
             offline_logps_match(out, lora)
@@ -123,11 +129,35 @@ def offline_logps_match(out: Path, lora: bool) -> None:
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+def sharded_rollouts_match(out: Path, rank: int) -> None:
+    """Completions of this rank's prompts from the model whole, sharded and gathered, sharded and
+    decoded sharded: the same tokens, for the same seed."""
+    from grpo_fast import distributed
+    from grpo_fast.modeling import load_model_and_tokenizer
+    from grpo_fast.rollout.hf import generate_completions
+
+    cfg = step_cfg(out / "decode", "grpo", "group", 1)
+    torch.manual_seed(0)
+    model, tokenizer = load_model_and_tokenizer(cfg, device=torch.device("cpu"))
+    # Rank 1's prompts are sampled to end sooner than rank 0's (max 3 against 12 tokens).
+    prompts, length = (["a=", "bb="], 12) if rank == 0 else (["c=", "dd=", "e="], 3)
+
+    def sample(**kw):
+        torch.manual_seed(1)
+        return generate_completions(model, tokenizer, prompts, num_generations=4, max_prompt_length=8,
+                                    max_completion_length=length, eos_ids=[tokenizer.eos_token_id], **kw).completion_ids
+    whole = sample()
+    distributed.shard(model)
+    assert torch.equal(sample(gather=True), whole)
+    assert torch.equal(sample(gather=False), whole)
+    assert torch.equal(sample(gather=True, greedy=True)[::4], sample(gather=False, greedy=True)[::4])
+
+
 def launch(tmp_path: Path, *args: str, config: Path = FSDP2, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
     done = subprocess.run(["accelerate", "launch", "--config_file", str(config), "--num_processes", "2",
                            "--main_process_port", str(free_port()), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=600)
     if check:
         assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -153,6 +183,10 @@ def test_two_sharded_ranks_make_the_update_one_process_makes(tmp_path):
         for key in ("reward", "reward_std", "completions/mean_length"):
             assert abs(got["metrics"][key] - metrics[key]) < 1e-6, (name, key)
         assert abs(got["metrics"]["loss"] - metrics["loss"]) < 1e-5 * max(1.0, abs(metrics["loss"])), name
+
+
+def test_sharded_rollouts_sample_what_the_whole_model_samples(tmp_path):
+    launch(tmp_path, __file__, "--child", "decode", "--out", str(tmp_path))
 
 
 def test_offline_logps_and_gradients_of_a_sharded_model_are_the_whole_models(tmp_path):
@@ -206,7 +240,7 @@ def test_what_fsdp2_cannot_shard_is_refused_in_one_line(tmp_path):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--child", choices=["step", "run", "offline"], required=True)
+    parser.add_argument("--child", choices=["step", "run", "offline", "decode"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--resume", action="store_true")

@@ -22,6 +22,7 @@ sync after an update. Tested by tests/test_online.py (against `generate`, greedy
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional, Sequence
 
@@ -161,11 +162,17 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
                          max_prompt_length: int, max_completion_length: int,
                          temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                          min_p: Optional[float] = None, repetition_penalty: float = 1.0,
-                         greedy: bool = False, eos_ids: Optional[Sequence[int]] = None) -> Rollout:
+                         greedy: bool = False, eos_ids: Optional[Sequence[int]] = None,
+                         gather: bool = True) -> Rollout:
     """Sample `num_generations` completions for each prompt (greedy: one deterministic decode per
     row; pass num_generations=1). Returns a Rollout with the G completions of a prompt adjacent,
     as `grpo_fast.losses.group_advantages` expects. The model is put in eval mode (dropout off)
-    for the generation and restored afterwards."""
+    for the generation and restored afterwards.
+
+    A model sharded by FSDP2 is gathered whole for the decoding with `gather` (TRL's
+    ds3_gather_for_generation): one all-gather per unit instead of one per unit and decoded
+    token, for the memory of the whole weights meanwhile. Without it, the ranks decode sharded,
+    in step (`sample_completions`' all_finished)."""
     device = next(model.parameters()).device
     eos_ids = list(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -173,11 +180,12 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
     was_training = model.training
     model.eval()
     try:
-        completion_ids = sample_completions(
-            model, prompt_ids, prompt_mask, num_generations=num_generations,
-            max_completion_length=max_completion_length, eos_ids=eos_ids, pad_id=pad, greedy=greedy,
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            repetition_penalty=repetition_penalty, all_finished=_all_finished(model))      # (B*G, C)
+        with distributed.gathered(model) if gather else contextlib.nullcontext():
+            completion_ids = sample_completions(
+                model, prompt_ids, prompt_mask, num_generations=num_generations,
+                max_completion_length=max_completion_length, eos_ids=eos_ids, pad_id=pad, greedy=greedy,
+                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+                all_finished=None if gather else _all_finished(model))                     # (B*G, C)
     finally:
         model.train(was_training)
     prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)                         # (B*G, P)
@@ -223,4 +231,4 @@ class HFBackend(RolloutBackend):
         return generate_completions(
             self.model, self.tokenizer, prompts, num_generations=G,
             max_prompt_length=o.max_prompt_length, max_completion_length=o.max_completion_length,
-            greedy=greedy, eos_ids=self.eos_ids, **self.sampling)
+            greedy=greedy, eos_ids=self.eos_ids, gather=o.ds3_gather_for_generation, **self.sampling)

@@ -1,4 +1,5 @@
-"""Online GRPO data-parallel scaling on CPU: step time and samples per second for 1 and 2 ranks.
+"""Online GRPO data-parallel scaling on CPU: step time and samples per second for 1 and 2 ranks,
+replicated (DDP) and sharded (FSDP2).
 
 Each rank runs with one torch thread on its own core: a random-weight Llama of 3.4M parameters
 (hidden 256, 4 layers, 4 heads of 64, MLP 768, the byte-level vocabulary), full fine-tuning,
@@ -6,7 +7,9 @@ Each rank runs with one torch thread on its own core: a random-weight Llama of 3
 A rank count runs under `torchrun --nproc_per_node R` in a fresh process group: `WARMUP` steps,
 then `STEPS` timed ones on rank 0 (the step ends with DDP's all-reduce, so rank 0's time is the
 step's). Samples per second count completions; scaling efficiency is samples/s at 2 ranks over
-twice that at 1.
+twice that at 1. FSDP2 runs with the variables `accelerate launch --config_file
+configs/accelerate/fsdp2.yaml` exports (its all-gathers and reduce-scatters are the price of
+holding half the weights, gradients and optimizer states per rank).
 
     pytest benchmarks/bench_ddp.py --benchmark-only      # appends to results/ddp-<device>.json
     python benchmarks/bench_ddp.py                       # printed, nothing written
@@ -50,26 +53,35 @@ def child(out: Path, warmup: int, steps: int) -> None:
                                                                          "kwargs": {"width": 8}}]}})
     trainer = OnlineTrainer(cfg)
     world = trainer.world
-    times = []
+    times, rollout, train = [], [], []
     for i in range(warmup + steps):
         start = time.perf_counter()
         share = trainer.stream.take(PROMPTS_PER_RANK * world.size)
-        trainer.step([trainer.prompts[j] for j in share[world.rank * PROMPTS_PER_RANK:(world.rank + 1) * PROMPTS_PER_RANK]])
+        metrics, _ = trainer.step([trainer.prompts[j] for j in
+                                   share[world.rank * PROMPTS_PER_RANK:(world.rank + 1) * PROMPTS_PER_RANK]])
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            rollout.append(metrics["time/rollout"])
+            train.append(metrics["time/train"])
     if world.main:
         mean = sum(times) / len(times)
         print(json.dumps({"ranks": world.size, "mean_step_s": mean, "min_step_s": min(times),
+                          "mean_rollout_s": sum(rollout) / steps, "mean_train_s": sum(train) / steps,
                           "samples_per_s": world.size * PROMPTS_PER_RANK * G / mean, "steps": steps}))
 
 
-def measure(ranks: int, warmup: int = WARMUP, steps: int = STEPS) -> dict:
+# What `accelerate launch --config_file configs/accelerate/fsdp2.yaml` exports to its processes.
+FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+
+
+def measure(ranks: int, warmup: int = WARMUP, steps: int = STEPS, strategy: str = "ddp") -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench-ddp-{ranks}-") as out, socket.socket() as s:
         (Path(out) / "model.json").write_text(json.dumps(SHAPE))
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+               **(FSDP2_ENV if strategy == "fsdp2" else {})}
         load = [round(x, 2) for x in os.getloadavg()]
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                                "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, "--child",
@@ -77,13 +89,13 @@ def measure(ranks: int, warmup: int = WARMUP, steps: int = STEPS) -> dict:
                               cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{ranks} ranks failed:\n{done.stderr[-4000:]}")
-    return {"load_avg_start": load, **json.loads(next(line for line in reversed(done.stdout.splitlines())
+    return {"strategy": strategy, "load_avg_start": load, **json.loads(next(line for line in reversed(done.stdout.splitlines())
                                                        if line.startswith("{")))}
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_ddp_scaling(benchmark, record_result, device_name, ranks):
-    result = benchmark.pedantic(measure, args=(ranks,), rounds=1, iterations=1)
+@pytest.mark.parametrize("strategy,ranks", [("ddp", 1), ("ddp", 2), ("fsdp2", 2)])
+def test_ddp_scaling(benchmark, record_result, device_name, strategy, ranks):
+    result = benchmark.pedantic(measure, args=(ranks, WARMUP, STEPS, strategy), rounds=1, iterations=1)
     benchmark.extra_info.update(result)
     record_result({"device_name": device_name, **result})
     assert result["ranks"] == ranks and result["samples_per_s"] > 0
@@ -98,11 +110,13 @@ def main() -> None:
     if args.child:
         child(Path(args.child), args.warmup, args.steps)
         return
-    one, two = measure(1, args.warmup, args.steps), measure(2, args.warmup, args.steps)
-    for r in (one, two):
-        print(f"{r['ranks']} rank(s): {r['mean_step_s'] * 1e3:.0f} ms/step (min {r['min_step_s'] * 1e3:.0f}), "
-              f"{r['samples_per_s']:.1f} samples/s; load {r['load_avg_start']}")
-    print(f"scaling efficiency {two['samples_per_s'] / (2 * one['samples_per_s']):.2f}")
+    one = measure(1, args.warmup, args.steps)
+    runs = [one, measure(2, args.warmup, args.steps), measure(2, args.warmup, args.steps, "fsdp2")]
+    for r in runs:
+        print(f"{r['strategy']}, {r['ranks']} rank(s): {r['mean_step_s'] * 1e3:.0f} ms/step (min "
+              f"{r['min_step_s'] * 1e3:.0f}; rollout {r['mean_rollout_s'] * 1e3:.0f}, train "
+              f"{r['mean_train_s'] * 1e3:.0f}), {r['samples_per_s']:.1f} samples/s, scaling efficiency "
+              f"{r['samples_per_s'] / (r['ranks'] * one['samples_per_s']):.2f}; load {r['load_avg_start']}")
 
 
 if __name__ == "__main__":

@@ -215,3 +215,15 @@ def test_bad_process_counts_exit_2(tmp_path, capsys):
     assert "--num-processes" in capsys.readouterr().err
     assert main(base + ["--accelerate-config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_a_gathered_fsdp2_rollout_holds_the_whole_policy():
+    gathered, sharded = cfg_of(), cfg_of(online={"ds3_gather_for_generation": False})
+    shape = model_shape(gathered.model_path)
+    whole = plan_of(gathered, "fsdp2", 4)
+    assert plan_of(sharded, "fsdp2", 4).rollout_gathered == 0
+    # The rollout's gathered copy and the training phase's (root + 2 layers) make the whole policy.
+    full = sum(t.nbytes for t in layer_tensors(gathered, shape)) * shape.num_layers + \
+        sum(t.nbytes for t in root_tensors(gathered, shape))
+    assert whole.rollout_gathered + whole.gathered_weights == full
+    assert whole.generation == plan_of(sharded, "fsdp2", 4).generation + whole.rollout_gathered

@@ -165,6 +165,9 @@ class MemoryPlan:
     master_weights: int = 0
     gathered_weights: int = 0
     reduce_buffer: int = 0
+    # FSDP2 hf rollouts with online.ds3_gather_for_generation: the rest of the policy, gathered
+    # whole for the decoding (a rollout-phase buffer beside gathered_weights).
+    rollout_gathered: int = 0
 
     @property
     def activations(self) -> int:
@@ -178,7 +181,7 @@ class MemoryPlan:
 
     @property
     def generation(self) -> int:
-        return self.kv_cache + self.generation_workspace
+        return self.kv_cache + self.generation_workspace + self.rollout_gathered
 
     @property
     def training(self) -> int:

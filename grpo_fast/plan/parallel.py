@@ -32,6 +32,9 @@ w with full fine-tuning; per tensor, d0 its dim 0 and c the elements in the rest
     running and the next, prefetched); with fsdp_reshard_after_forward false every layer stays
     gathered until its backward. In the backward one layer's full gradient (its trainable
     parameters x g) exists before it is reduce-scattered: a transient of the training phase.
+    An hf rollout with online.ds3_gather_for_generation (the default) gathers every unit for
+    the decoding: the rest of the whole policy is a rollout-phase buffer (false: the rollout
+    decodes sharded, with the training phase's gathered copy only).
     A quantized base is refused: bitsandbytes' Params4bit / Int8Params cannot be sharded by
     fully_shard (the trainer refuses the 4-bit base).
   * DeepSpeed ZeRO-2 (zero_stage 2; DeepSpeedZeroOptimizer): weights replicated; the trainable
@@ -245,9 +248,14 @@ def per_gpu(cfg: Config, shape: ModelShape, plan, par: Parallelism):
         # The reference (full fine-tuning, no adapters) gathers the same tensors.
         gathered = (sum(t.nbytes for t in root) + gathered_layers * full_layer) * (2 if plan.reference_weights else 1)
         local = [fsdp_local_rows(t.rows, n) * t.cols for t in trainable]
+        # A gathered rollout (online hf, ds3_gather_for_generation) holds every unit whole.
+        policy_gathered = sum(t.nbytes for t in root) + gathered_layers * full_layer
+        whole = (cfg.mode == "online" and plan.generation > 0 and cfg.online.ds3_gather_for_generation)
+        rollout = sum(t.nbytes for t in tensors) - policy_gathered if whole else 0
         return dataclasses.replace(
             plan, parallel=par, weights=weights, reference_weights=weights if plan.reference_weights else 0,
             lora_params=sum(fsdp_shard_bytes(t, n) for t in tensors if t.lora), gathered_weights=gathered,
+            rollout_gathered=rollout,
             optimizer_states=optimizer_bytes(cfg, local, grad_bytes), gradients=sum(local) * grad_bytes,
             reduce_buffer=sum(t.nbytes for t in layer if t.trainable))
     # zero3

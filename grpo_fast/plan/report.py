@@ -253,6 +253,8 @@ def plan_command(cfg: Config, gpu_memory: Optional[str] = None, accelerate_confi
         rows += [("rollout (generate, no grad)", None, ""),
                  (f"  KV cache, {work.sequences} x {work.seq_len} tokens", plan.kv_cache, ""),
                  ("  prefill / sampling workspace", plan.generation_workspace, "")]
+        if plan.rollout_gathered:
+            rows.append(("  the policy gathered whole (ds3_gather...)", plan.rollout_gathered, ""))
     if plan.scoring:
         rows += [("reference / old log-probs (no grad)", None, ""),
                  ("  forward workspace + log-probs", plan.scoring, "")]

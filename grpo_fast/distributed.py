@@ -12,26 +12,34 @@ identity, so the single-process path runs exactly as before. The online trainer 
 prompt's G completions on one rank and gathers what the step needs across ranks (rewards for
 the advantages, token counts for the global normalizer, metrics and completions for the logs).
 
-The strategy is the launcher's: `accelerate launch` with an FSDP config exports
-ACCELERATE_USE_FSDP / FSDP_VERSION / FSDP_* (read here, so the same file means the same on a
-CPU, where accelerate itself would fall back to DDP); anything else is DDP. `wrap` applies it:
-DDP replicates the model, FSDP2 (torch's `fully_shard`, one unit per decoder layer plus the
-root) shards parameters, gradients and optimizer states. Under FSDP2 every forward is a
-collective, so every rank must run the same number of them: `all_true` lets a rank that has
-finished decoding keep step with the others (grpo_fast.rollout.hf).
+The strategy is the launcher's: `accelerate launch` with an FSDP or DeepSpeed config exports
+ACCELERATE_USE_FSDP / FSDP_VERSION / FSDP_* or ACCELERATE_USE_DEEPSPEED /
+ACCELERATE_DEEPSPEED_* (read here, so the same file means the same on a CPU, where accelerate
+itself would fall back to DDP); anything else is DDP. `wrap` applies DDP (the model replicated)
+or FSDP2 (torch's `fully_shard`, one unit per decoder layer plus the root: parameters, gradients
+and optimizer states sharded); `zero_engine` wraps model and optimizer in a DeepSpeed ZeRO-2/3
+engine (gloo on a CPU, through DeepSpeed's CPU accelerator). `TorchUpdate` / `ZeroUpdate` turn a
+step's micro-batch losses into one optimizer update either way. With sharded weights (FSDP2,
+ZeRO-3) every forward is a collective, so every rank must run the same number of them:
+`all_true` lets a rank that has finished decoding keep step with the others, `gathered` holds
+the whole policy for a rollout instead (grpo_fast.rollout.hf).
 """
 
 from __future__ import annotations
 
 import os
 import contextlib
+import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
+
+from .config import ConfigError
 
 
 STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
@@ -52,8 +60,24 @@ class World:
 
     @property
     def sharded(self) -> bool:
-        """Parameters sharded over the ranks: every forward is a collective."""
+        """Parameters sharded by FSDP2 (`shard`)."""
         return self.size > 1 and self.strategy == "fsdp2"
+
+    @property
+    def zero(self) -> bool:
+        """Model and optimizer in a DeepSpeed ZeRO engine (`zero_engine`)."""
+        return self.size > 1 and self.strategy.startswith("zero")
+
+    @property
+    def defers_sync(self) -> bool:
+        """DDP: gradients all-reduced in the last micro-batch's backward only (`no_sync` before).
+        FSDP2 and ZeRO reduce-scatter every micro-batch's: deferring would hold them whole."""
+        return self.size > 1 and self.strategy == "ddp"
+
+    @property
+    def lockstep(self) -> bool:
+        """Every forward a collective (FSDP2, ZeRO-3): ranks must run the same forwards."""
+        return self.size > 1 and self.strategy in ("fsdp2", "zero3")
 
 
 def _flag(name: str, default: str = "false") -> bool:
@@ -99,13 +123,15 @@ def check(cfg, size: int, strategy: str) -> None:
     if size == 1:
         return
     q = cfg.quantization
-    if strategy.startswith("zero") and cfg.mode == "online":
-        raise ValueError("the accelerate config's distributed_type: DEEPSPEED is not supported in online mode: "
-                         "shard with configs/accelerate/fsdp2.yaml (ZeRO-3's sharding) or replicate with ddp.yaml")
+    if strategy.startswith("zero") and cfg.mixed_precision == "fp16":
+        raise ValueError("mixed_precision: fp16 under DeepSpeed would need DeepSpeed's own loss scaler: use bf16")
     if strategy == "zero3" and (q.load_in_4bit or q.load_in_8bit):
         raise ValueError(f"quantization.load_in_{4 if q.load_in_4bit else 8}bit: ZeRO-3 partitions every weight, and "
                          "bitsandbytes' quantized ones do not survive it: run QLoRA with configs/accelerate/zero2.yaml "
                          "or ddp.yaml")
+    if strategy != "ddp" and cfg.optim != "adamw_torch":
+        raise ValueError(f"optim: {cfg.optim} (bitsandbytes) cannot update {strategy}'s sharded parameters: "
+                         "use adamw_torch, whose states it shards anyway")
     if strategy != "fsdp2":
         return
     if q.load_in_4bit or q.load_in_8bit:
@@ -114,9 +140,6 @@ def check(cfg, size: int, strategy: str) -> None:
                          "quantization state): run QLoRA data-parallel, configs/accelerate/ddp.yaml")
     if cfg.mixed_precision == "fp16":
         raise ValueError("mixed_precision: fp16 under FSDP2 would need a sharded loss scaler: use bf16")
-    if cfg.optim != "adamw_torch":
-        raise ValueError(f"optim: {cfg.optim} (bitsandbytes) cannot update FSDP2's sharded parameters: "
-                         "use adamw_torch, whose states FSDP2 shards anyway")
 
 
 def wrap(world: World, model: torch.nn.Module) -> torch.nn.Module:
@@ -130,6 +153,94 @@ def wrap(world: World, model: torch.nn.Module) -> torch.nn.Module:
     device = next(model.parameters()).device
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def zero_config(cfg, micro_batches: int) -> dict:
+    """The DeepSpeed config of the launcher's accelerate file (stage, offload devices) for a run
+    of `micro_batches` backward passes per optimizer update. Mixed precision stays the trainer's
+    autocast (DeepSpeed's bf16 mode would train bf16 weights), clipping is max_grad_norm."""
+    stage = int(strategy().removeprefix("zero"))
+    zero: dict = {"stage": stage}
+    for kind, key in (("optimizer", "offload_optimizer"), ("param", "offload_param")):
+        device = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{kind.upper()}_DEVICE", "none")
+        if device != "none":
+            zero[key] = {"device": device}
+    return {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": micro_batches,
+            "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
+            "zero_optimization": zero, "bf16": {"enabled": False}, "fp16": {"enabled": False},
+            # The trainer's own AdamW, also with the optimizer offloaded (DeepSpeed would insist on
+            # its compiled CPU Adam).
+            "zero_force_ds_cpu_optimizer": False,
+            # DeepSpeed's own progress lines: the trainer logs.
+            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
+def zero_engine(cfg, model: torch.nn.Module, optimizer=None, micro_batches: int = 1):
+    """`model` (and its optimizer) in a DeepSpeed ZeRO engine, from the same weights on every rank
+    (the trainer loads them under one seed): ZeRO-2 partitions the optimizer states and gradients,
+    ZeRO-3 the weights too (gathered per module as it runs, by hooks on every submodule). Without
+    an optimizer: a frozen model (the reference), partitioned like the policy."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=zero_config(cfg, micro_batches))
+    return engine
+
+
+def is_zero_engine(model) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def is_zero3(model: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 partitions `model`'s parameters (every forward then gathers them)."""
+    return bool(_zero3_parameters(model))
+
+
+def _zero3_parameters(model: torch.nn.Module) -> list:
+    """The parameters ZeRO-3 partitions (each carries its `ds_id`), none for another model."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
+class TorchUpdate:
+    """A step's micro-batch backwards, then one optimizer update: fp16 loss scaling (a no-op
+    otherwise), clipping to max_grad_norm, a check of the gradient norm before the weights move,
+    AdamW. The single-process, DDP and FSDP2 path."""
+
+    def __init__(self, optimizer, params: list, scaler, max_grad_norm: float):
+        self.optimizer, self.params, self.scaler = optimizer, params, scaler
+        self.max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
+
+    def backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, check) -> Tensor:
+        """Clip and update; `check(grad_norm)` first (it raises to stop). Returns the norm."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = local(torch.nn.utils.clip_grad_norm_(self.params, self.max_norm))
+        check(grad_norm)
+        self.scaler.step(self.optimizer)  # skips the update on inf/NaN gradients (fp16)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+
+class ZeroUpdate:
+    """The same under a DeepSpeed engine, whose gradient_accumulation_steps is the step's count
+    of micro-batches: each backward goes through the engine (losses already normalized, so not
+    divided again), whose step() updates (clipped) at the last one. The norm is checked after the
+    update: DeepSpeed computes it there."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def step(self, check) -> Tensor:
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = torch.tensor(math.nan if norm is None else float(norm))
+        check(grad_norm)
+        return grad_norm
 
 
 def shard(model: torch.nn.Module) -> torch.nn.Module:
@@ -159,8 +270,15 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def gathered(model: torch.nn.Module) -> Iterator[None]:
-    """Every FSDP2 unit of `model` gathered whole for the duration, its forwards then free of
-    collectives, and resharded after (a no-op for a model FSDP2 does not shard)."""
+    """Every FSDP2 unit of `model` (every ZeRO-3 parameter) gathered whole for the duration, its
+    forwards then free of collectives, and resharded after (a no-op for an unsharded model)."""
+    zero3 = _zero3_parameters(model)
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3):
+            yield
+        return
     if not isinstance(model, FSDPModule):
         yield
         return
@@ -191,6 +309,12 @@ def _no_split_modules(model: torch.nn.Module) -> set[str]:
 def full_state_dict(world: World, model: torch.nn.Module) -> Optional[dict]:
     """The whole state dict of a sharded model on the main process (None elsewhere; every rank
     must call it, it gathers), on the CPU; None for an unsharded model (use its own)."""
+    zero3 = _zero3_parameters(model)
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3):
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if world.main else None
     if not world.sharded:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -201,7 +325,16 @@ def full_state_dict(world: World, model: torch.nn.Module) -> Optional[dict]:
 
 def optimizer_state_dict(world: World, model: torch.nn.Module, optimizer) -> Optional[dict]:
     """The optimizer's state dict as one process would hold it: whole (on the main process,
-    gathered from the shards) under FSDP2, the optimizer's own otherwise. Every rank calls it."""
+    gathered from the shards) under FSDP2, the optimizer's own otherwise; under ZeRO (`model` the
+    engine) every rank's partition, in rank order, which a resume under as many ranks reloads.
+    Every rank calls it."""
+    if world.zero:
+        # As plain data, which checkpoints load without running code (`_plain`): the loss scaler
+        # (DeepSpeed's fp16 scaling is off) is the optimizer's own again on load, and ZeRO-2's
+        # parameter-slice map is for DeepSpeed's universal checkpoints, which a resume never reads.
+        state = {**model.optimizer.state_dict(), "loss_scaler": None}
+        state.pop("param_slice_mappings", None)
+        return {"zero_partitions": gather_objects(world, _plain(state))}
     if not world.sharded:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -211,8 +344,31 @@ def optimizer_state_dict(world: World, model: torch.nn.Module, optimizer) -> Opt
     return state if world.main else None
 
 
+def _plain(value):
+    """`value` as tensors, numbers, strings and containers only: an int enum (DeepSpeed's ZeRO
+    stage) as its number, a named tuple (its parameter-fragment addresses) as a tuple."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value] if type(value) is list else tuple(_plain(v) for v in value)
+    if isinstance(value, Enum):
+        return value.value
+    if value is None or isinstance(value, (Tensor, bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot checkpoint a {type(value).__name__} of the ZeRO optimizer's state")
+
+
 def load_optimizer_state_dict(world: World, model: torch.nn.Module, optimizer, state: dict) -> None:
-    """Restore what `optimizer_state_dict` saved; under FSDP2 each rank keeps its shard of it."""
+    """Restore what `optimizer_state_dict` saved; under FSDP2 each rank keeps its shard of it,
+    under ZeRO its partition (and the fp32 master weights kept there)."""
+    if world.zero:
+        partitions = state["zero_partitions"]
+        if len(partitions) != world.size:
+            raise ConfigError(f"the checkpoint holds {len(partitions)} ZeRO partitions: resume under as many "
+                              f"processes, not {world.size}")
+        partitions = [{**part, "loss_scaler": model.optimizer.loss_scaler} for part in partitions]
+        model.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+        return
     if not world.sharded:
         optimizer.load_state_dict(state)
         return

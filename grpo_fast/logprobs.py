@@ -294,13 +294,14 @@ def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion
 
 
 def as_forward(model, fn: Callable[[torch.nn.Module], Any]) -> Any:
-    """`fn(model)`, where `model` may be wrapped by DistributedDataParallel or sharded by FSDP2:
-    then `fn` runs *as the model's forward* (the wrapper's, or the FSDP2 root's). DDP arms its
+    """`fn(model)`, where `model` may be wrapped by DistributedDataParallel or a DeepSpeed engine,
+    or sharded by FSDP2: then `fn` runs *as the model's forward* (the wrapper's, or the FSDP2
+    root's), so that each wrapper's forward hooks run around it. DDP arms its
     gradient all-reduce for the backward only in its forward (calling the inner model directly
     would let ranks drift apart); FSDP2 gathers the root's parameters (embeddings, final norm,
     LM head) only in the root's forward, and keeps them for its backward, so `fn` reaches the
     decoder and the whole LM head for the kernel, which neither wrapper exposes."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
         inner = model.module
     elif isinstance(model, FSDPModule):
         inner = model

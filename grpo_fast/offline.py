@@ -247,10 +247,10 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
         distributed.check(cfg, world.size, world.strategy)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if world.sharded and not torch.cuda.is_available():
-        # accelerate builds FSDP (and DeepSpeed) only on GPUs; HF's Trainer then runs DDP.
-        logger.warning("accelerate shards with FSDP2 on GPUs only: this CPU run is data-parallel (DDP), "
-                       "every process holding the whole model")
+    if (world.sharded or world.zero) and not torch.cuda.is_available():
+        # accelerate builds FSDP and DeepSpeed only on GPUs; HF's Trainer then runs DDP.
+        logger.warning("accelerate applies %s on GPUs only: this CPU run is data-parallel (DDP), every process "
+                       "holding the whole model", world.strategy)
     if not args.should_log:
         # As HF quiets transformers on the other processes (log_level_replica).
         logging.getLogger(__package__).setLevel(logging.WARNING)

@@ -125,14 +125,13 @@ class OnlineTrainer:
             self.ref_model.eval().requires_grad_(False)
             if self.world.sharded:
                 distributed.shard(self.ref_model)
+            elif self.world.strategy == "zero3" and self.world.zero:
+                self.ref_model = distributed.zero_engine(cfg, self.ref_model)
         if self.world.size > 1:
             set_seed(cfg.seed + self.world.rank)
-        # What the training passes run: the model, its DDP wrapper (whose backward all-reduces
-        # the gradients), or the model sharded in place by FSDP2. Everything else uses self.model.
-        self.train_model = distributed.wrap(self.world, self.model)
-        # Every rank must run as many forwards as the others under FSDP2; sharing a prompt's
-        # forward runs one decoder pass or two depending on the rank's completions.
-        self.shared_prompt = self.o.shared_prompt and not self.world.sharded
+        # Every rank must run as many forwards as the others with sharded weights; sharing a
+        # prompt's forward runs one decoder pass or two depending on the rank's completions.
+        self.shared_prompt = self.o.shared_prompt and not self.world.lockstep
         self.backend = make_backend(cfg, self.model, self.tokenizer, eos_token_ids(self.model, self.tokenizer))
         self.loss_type = get_loss_type(self.o.loss_type)
         # The options of grpo_loss, named as the config (and TRL) name them.
@@ -158,13 +157,24 @@ class OnlineTrainer:
         # From the config, also on resume: `--resume --set max_steps=...` extends a run.
         self.total_steps = total_steps
         self.state = TrainState()
-        self.optimizer = build_optimizer(cfg, self.model)
+        # What the training passes run: the model, its DDP wrapper (whose backward all-reduces
+        # the gradients), the model sharded in place by FSDP2 (its optimizer then built over the
+        # shards), or a ZeRO engine around model and optimizer. Everything else uses self.model.
+        if self.world.zero:
+            self.optimizer = build_optimizer(cfg, self.model)
+            self.train_model = distributed.zero_engine(cfg, self.model, self.optimizer,
+                                                       micro_batches=cfg.gradient_accumulation_steps)
+        else:
+            self.train_model = distributed.wrap(self.world, self.model)
+            self.optimizer = build_optimizer(cfg, self.model)
         updates = total_steps * self.o.num_iterations
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=math.ceil(cfg.warmup_ratio * updates),
                                        num_training_steps=updates)
         # Dynamic loss scaling keeps fp16 gradients from underflowing; disabled it passes through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        self.update = (distributed.ZeroUpdate(self.train_model) if self.world.zero else
+                       distributed.TorchUpdate(self.optimizer, self.trainable, self.scaler, cfg.max_grad_norm))
         if resume_dir:
             self.load_checkpoint(resume_dir)
         # One stream, the same on every rank: each takes the whole step's prompts, keeps its share.
@@ -256,11 +266,9 @@ class OnlineTrainer:
         sampling_weights: list[Optional[Tensor]] = [None] * ga
         for _ in range(mu):
             for k, ((roll, adv), mask, old_lp, ref_lp) in enumerate(zip(batches, masks, old, ref)):
-                # DDP all-reduces in the backward of the pass's last micro-batch only. FSDP2
-                # reduce-scatters every micro-batch's gradients: deferring would hold them whole.
+                # DDP all-reduces in the backward of the pass's last micro-batch only.
                 last = k == len(batches) - 1
-                with contextlib.nullcontext() if self.world.size == 1 or last or self.world.sharded \
-                        else self.train_model.no_sync():
+                with self.train_model.no_sync() if self.world.defers_sync and not last else contextlib.nullcontext():
                     logps, entropy = self.completion_logps(self.train_model, roll)      # (k, C) x2
                     if self.correct_sampling and roll.sampler_logps is not None and sampling_weights[k] is None:
                         # An engine sampled the rows: weigh each by how much likelier the trainer's
@@ -286,23 +294,17 @@ class OnlineTrainer:
                     else:
                         # DDP averages the ranks' gradients; a global normalizer wants their sum.
                         loss = loss * self.world.size
-                    self.scaler.scale(loss).backward()
+                    self.update.backward(loss)
                     loss_sum += loss.detach()
                     entropy_sum += (entropy * roll.completion_mask).sum()
                     loss_metrics.append(metrics)
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = distributed.local(torch.nn.utils.clip_grad_norm_(
-                self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
-            # Stop before a non-finite update reaches the weights (and so any checkpoint). Under
-            # fp16 an inf gradient is the loss scaler's business: it skips that update.
-            check_finite(self.state.step + 1, loss=loss_sum,
-                         grad_norm=None if cfg.mixed_precision == "fp16" else grad_norm)
-            grad_norms.append(grad_norm)
+            # Clip and update, stopping before a non-finite update reaches the weights (and so any
+            # checkpoint). Under fp16 an inf gradient is the loss scaler's business: it skips that update.
+            grad_norm = self.update.step(lambda norm: check_finite(
+                self.state.step + 1, loss=loss_sum, grad_norm=None if cfg.mixed_precision == "fp16" else norm))
+            grad_norms.append(grad_norm.to(self.device))
             learning_rate = self.scheduler.get_last_lr()[0]
-            self.scaler.step(self.optimizer)  # skips the update on inf/NaN gradients (fp16)
-            self.scaler.update()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
             self.backend.after_update(self.model)  # an engine syncs before its next rollout
         # Entropy (and the clip ratios) describe the completions trained on.
         trained_items = sum(roll.lengths.sum() for roll, _ in batches)
@@ -455,8 +457,8 @@ class OnlineTrainer:
         if self.world.size == 1:
             return greedy_eval(self.backend, self.reward_fns, records)
         mine = records[self.world.rank::self.world.size]
-        # A rank without a record still decodes one under FSDP2 (its forwards are collectives).
-        scored = greedy_eval(self.backend, self.reward_fns, mine or records[:1]) if mine or self.world.sharded else {}
+        # A rank without a record still decodes one with sharded weights (forwards are collectives).
+        scored = greedy_eval(self.backend, self.reward_fns, mine or records[:1]) if mine or self.world.lockstep else {}
         rows = distributed.gather_objects(self.world, (scored if mine else {}, len(mine)))
         total = sum(count for _, count in rows)
         return {k: sum(m[k] * count for m, count in rows if count) / total for k in next(m for m, c in rows if c)}
@@ -474,7 +476,7 @@ class OnlineTrainer:
         # process writes the checkpoint alone.
         rng_states = distributed.gather_objects(self.world, capture_rng_state())
         state_dict = distributed.full_state_dict(self.world, self.model)
-        optimizer_state = distributed.optimizer_state_dict(self.world, self.model, self.optimizer)
+        optimizer_state = distributed.optimizer_state_dict(self.world, self.train_model, self.optimizer)
         if self.world.main:
             with atomic_directory(final) as tmp:
                 self.model.save_pretrained(tmp, state_dict=state_dict)
@@ -493,7 +495,7 @@ class OnlineTrainer:
         """Restore what the weights (already loaded from `ckpt`) do not hold, and drop log rows
         past the checkpoint that a crashed run wrote, so the resumed curve has no duplicates."""
         self.state = TrainState(**json.loads((ckpt / ONLINE_STATE_FILE).read_text()))
-        distributed.load_optimizer_state_dict(self.world, self.model, self.optimizer,
+        distributed.load_optimizer_state_dict(self.world, self.train_model, self.optimizer,
                                               load_torch_state(ckpt / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(load_torch_state(ckpt / "scheduler.pt"))
         if (ckpt / "scaler.pt").is_file():

@@ -66,8 +66,8 @@ def test_two_gpus_halve_full_fine_tuning_state_under_zero2_and_fsdp2():
         # DDP replicates everything and adds its flat gradient buckets.
         assert ddp.ddp_buckets == ddp.gradients and ddp.total == plan_of(cfg).total + ddp.gradients
     # ZeRO keeps AdamW's states on an fp32 master partition: halved exactly against DDP's fp32 ones,
-    # the weights replicated. (Offline: online mode refuses DeepSpeed.)
-    fp32 = cfg_of(dtype="float32", mode="offline", dataset_path="data/x.jsonl")
+    # the weights replicated.
+    fp32 = cfg_of(dtype="float32")
     ddp, zero2 = plan_of(fp32, "ddp", 2), plan_of(fp32, "zero2", 2)
     assert zero2.optimizer_states + zero2.gradients == pytest.approx((ddp.optimizer_states + ddp.gradients) / 2, abs=12)
     assert zero2.weights == ddp.weights and zero2.master_weights == pytest.approx(ddp.weights / 2, abs=4)
@@ -146,8 +146,6 @@ def test_refusals_are_one_line_config_errors():
     assert plan_of(offline_qlora, "zero2", 2).weights == plan_of(offline_qlora).weights
     with pytest.raises(ConfigError, match="load_in_4bit: ZeRO-3 partitions every weight"):
         plan_of(offline_qlora, "zero3", 2)
-    with pytest.raises(ConfigError, match="DEEPSPEED is not supported in online mode"):
-        plan_of(cfg_of(), "zero2", 2)
     colocated = cfg_of(online={"generation_backend": "vllm"})
     with pytest.raises(ConfigError, match="colocated vLLM engine is refused .* 2 processes"):
         plan_of(colocated, "ddp", 2, card=80 * GiB)
@@ -184,11 +182,11 @@ def test_cli_flags_change_the_printed_plan(capsys):
     def peak(text):
         return float(next(line for line in text.splitlines() if line.strip().startswith("peak =")).split()[-1])
     assert peak(fsdp) < peak(plain) < peak(ddp)
-    assert main(args + ["--accelerate-config", str(ACCELERATE / "zero2.yaml")]) == 2  # online: refused
-    capsys.readouterr()
-    assert main(["plan", "--config", str(REPO / "configs" / "tiny-offline.yaml"),
-                 "--accelerate-config", str(ACCELERATE / "zero2.yaml")]) == 0
+    assert main(args + ["--accelerate-config", str(ACCELERATE / "zero2.yaml")]) == 0
     assert "DeepSpeed ZeRO-2 on 2 processes" in capsys.readouterr().out
+    assert main(["plan", "--config", str(REPO / "configs" / "tiny-offline.yaml"),
+                 "--accelerate-config", str(ACCELERATE / "zero3.yaml")]) == 0
+    assert "DeepSpeed ZeRO-3 on 2 processes" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text, key", [

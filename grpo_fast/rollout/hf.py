@@ -169,7 +169,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
     as `grpo_fast.losses.group_advantages` expects. The model is put in eval mode (dropout off)
     for the generation and restored afterwards.
 
-    A model sharded by FSDP2 is gathered whole for the decoding with `gather` (TRL's
+    A model sharded by FSDP2 or ZeRO-3 is gathered whole for the decoding with `gather` (TRL's
     ds3_gather_for_generation): one all-gather per unit instead of one per unit and decoded
     token, for the memory of the whole weights meanwhile. Without it, the ranks decode sharded,
     in step (`sample_completions`' all_finished)."""
@@ -203,8 +203,8 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, num_genera
 
 
 def _all_finished(model) -> Optional[Callable[[bool], bool]]:
-    """For a model sharded by FSDP2: whether a flag holds on every rank (sample_completions)."""
-    if not isinstance(model, FSDPModule):
+    """For a model sharded by FSDP2 or ZeRO-3: whether a flag holds on every rank (sample_completions)."""
+    if not (isinstance(model, FSDPModule) or distributed.is_zero3(model)):
         return None
     world = distributed.setup()
     return lambda flag: distributed.all_true(world, flag)

@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(cfg.cpu_threads)
     if args.command == "train":
         train(cfg, resume=args.resume)
+        from .distributed import shutdown
+
+        shutdown()
     elif args.command == "eval":
         from .evaluate import evaluate
 

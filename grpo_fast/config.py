@@ -127,7 +127,7 @@ class OnlineConfig:
     # Which rollout backend generates the completions (grpo_fast/rollout/): `hf` decodes with the
     # policy's own forward, `vllm` runs a vLLM engine in this process (pip install 'grpo-fast[vllm]').
     generation_backend: str = "hf"
-    # FSDP2 (TRL's name, from ZeRO-3): gather the sharded policy whole for each hf rollout, one
+    # ZeRO-3 and FSDP2 (TRL's name): gather the sharded policy whole for each hf rollout, one
     # all-gather per layer instead of one per layer and decoded token (benchmarks/README.md has
     # the timing); false decodes sharded, for a policy one GPU cannot hold whole.
     ds3_gather_for_generation: bool = True

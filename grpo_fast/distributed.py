@@ -142,6 +142,14 @@ def check(cfg, size: int, strategy: str) -> None:
         raise ValueError("mixed_precision: fp16 under FSDP2 would need a sharded loss scaler: use bf16")
 
 
+def shutdown() -> None:
+    """Leave the process group, if this process joined one: each rank's communication threads
+    then stop before the interpreter exits (left running, a rank can abort at exit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap(world: World, model: torch.nn.Module) -> torch.nn.Module:
     """What the training passes run. DDP: the model in a DistributedDataParallel wrapper, whose
     backward all-reduces (averages) the gradients (everything else uses the model itself).

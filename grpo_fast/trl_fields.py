@@ -139,8 +139,7 @@ TRL_FIELDS: dict[str, tuple[Optional[str], str]] = {
     "vllm_importance_sampling_mode": ("online.vllm_importance_sampling_mode", ""),
     "vllm_importance_sampling_clip_max": ("online.vllm_importance_sampling_clip_max", ""),
     "vllm_importance_sampling_clip_min": ("online.vllm_importance_sampling_clip_min", ""),
-    "ds3_gather_for_generation": ("online.ds3_gather_for_generation", "applies to FSDP2 (online mode refuses "
-                                  "DeepSpeed)"),
+    "ds3_gather_for_generation": ("online.ds3_gather_for_generation", "ZeRO-3 and FSDP2"),
     "vllm_importance_sampling_cap": ("online.vllm_importance_sampling_clip_max", "TRL's deprecated name"),
     "vllm_mode": ("online.vllm_mode", "server means `grpo-fast vllm-serve` (not `trl vllm-serve`); it also runs "
                   "under several trainer processes"),

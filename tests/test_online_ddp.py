@@ -195,3 +195,6 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--resume", action="store_true")
     child(parser.parse_args())
+    from grpo_fast.distributed import shutdown
+
+    shutdown()

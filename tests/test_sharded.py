@@ -38,7 +38,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_online_ddp import B, CASES, PROMPTS, UPDATE_RTOL, fixed_rollout, free_port, rel_err, run_cfg, step_cfg  # noqa: E402
+from test_online_ddp import (B, CASES, PROMPTS, TINY, UPDATE_RTOL, fixed_rollout, free_port, rel_err,  # noqa: E402
+                             run_cfg, step_cfg)
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = ROOT / "configs" / "accelerate"
@@ -241,6 +242,22 @@ def test_a_sharded_run_logs_once_saves_whole_and_resumes_exactly(tmp_path, strat
     assert [r["step"] for r in read_jsonl(resumed / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
 
 
+def test_qlora_trains_under_zero2(tmp_path, tmp_path_factory):
+    """A 4-bit base per rank, the adapter's optimizer states partitioned: two steps, one adapter."""
+    from test_qlora import save_base
+
+    from grpo_fast.rundir import read_jsonl
+
+    base = save_base(tmp_path_factory, TINY)
+    launch(ROOT, "--no_python", "grpo-fast", "train", "--config", str(ROOT / "configs" / "tiny-online.yaml"),
+           *[f"--set={kv}" for kv in (f"output_dir={tmp_path / 'run'}", f"model_path={base}", "max_steps=2",
+                                      "logging_steps=1", "lora.enabled=true", "quantization.load_in_4bit=true",
+                                      "quantization.compute_dtype=float32", "online.eval_steps=0")],
+           config=ACCELERATE / "zero2.yaml")
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == [1, 2]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
 def test_what_fsdp2_cannot_shard_is_refused_in_one_line(tmp_path):
     train = ["--no_python", "grpo-fast", "train", "--config", str(ROOT / "configs" / "tiny-online.yaml"),
              "--set", f"output_dir={tmp_path / 'run'}"]
@@ -265,3 +282,6 @@ if __name__ == "__main__":
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--strategy", default="fsdp2")
     child(parser.parse_args())
+    from grpo_fast.distributed import shutdown
+
+    shutdown()

@@ -1,5 +1,5 @@
 """Online GRPO data-parallel scaling on CPU: step time and samples per second for 1 and 2 ranks,
-replicated (DDP) and sharded (FSDP2).
+replicated (DDP) and sharded (FSDP2, DeepSpeed ZeRO-2 and ZeRO-3).
 
 Each rank runs with one torch thread on its own core: a random-weight Llama of 3.4M parameters
 (hidden 256, 4 layers, 4 heads of 64, MLP 768, the byte-level vocabulary), full fine-tuning,
@@ -7,9 +7,9 @@ Each rank runs with one torch thread on its own core: a random-weight Llama of 3
 A rank count runs under `torchrun --nproc_per_node R` in a fresh process group: `WARMUP` steps,
 then `STEPS` timed ones on rank 0 (the step ends with DDP's all-reduce, so rank 0's time is the
 step's). Samples per second count completions; scaling efficiency is samples/s at 2 ranks over
-twice that at 1. FSDP2 runs with the variables `accelerate launch --config_file
-configs/accelerate/fsdp2.yaml` exports (its all-gathers and reduce-scatters are the price of
-holding half the weights, gradients and optimizer states per rank).
+twice that at 1. FSDP2 and ZeRO run with the variables `accelerate launch --config_file
+configs/accelerate/<fsdp2|zero2|zero3>.yaml` exports (their all-gathers and reduce-scatters are
+the price of holding half the weights, gradients and optimizer states per rank).
 
     pytest benchmarks/bench_ddp.py --benchmark-only      # appends to results/ddp-<device>.json
     python benchmarks/bench_ddp.py                       # printed, nothing written
@@ -70,8 +70,11 @@ def child(out: Path, warmup: int, steps: int) -> None:
                           "samples_per_s": world.size * PROMPTS_PER_RANK * G / mean, "steps": steps}))
 
 
-# What `accelerate launch --config_file configs/accelerate/fsdp2.yaml` exports to its processes.
-FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+# What `accelerate launch --config_file configs/accelerate/<strategy>.yaml` exports to its processes.
+STRATEGY_ENV = {"ddp": {},
+                "fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"},
+                "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+                "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}}
 
 
 def measure(ranks: int, warmup: int = WARMUP, steps: int = STEPS, strategy: str = "ddp") -> dict:
@@ -81,7 +84,7 @@ def measure(ranks: int, warmup: int = WARMUP, steps: int = STEPS, strategy: str 
         port = s.getsockname()[1]
         s.close()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-               **(FSDP2_ENV if strategy == "fsdp2" else {})}
+               **STRATEGY_ENV[strategy]}
         load = [round(x, 2) for x in os.getloadavg()]
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                                "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, "--child",
@@ -93,7 +96,7 @@ def measure(ranks: int, warmup: int = WARMUP, steps: int = STEPS, strategy: str 
                                                        if line.startswith("{")))}
 
 
-@pytest.mark.parametrize("strategy,ranks", [("ddp", 1), ("ddp", 2), ("fsdp2", 2)])
+@pytest.mark.parametrize("strategy,ranks", [("ddp", 1), ("ddp", 2), ("fsdp2", 2), ("zero2", 2), ("zero3", 2)])
 def test_ddp_scaling(benchmark, record_result, device_name, strategy, ranks):
     result = benchmark.pedantic(measure, args=(ranks, WARMUP, STEPS, strategy), rounds=1, iterations=1)
     benchmark.extra_info.update(result)
@@ -111,7 +114,7 @@ def main() -> None:
         child(Path(args.child), args.warmup, args.steps)
         return
     one = measure(1, args.warmup, args.steps)
-    runs = [one, measure(2, args.warmup, args.steps), measure(2, args.warmup, args.steps, "fsdp2")]
+    runs = [one] + [measure(2, args.warmup, args.steps, strategy) for strategy in ("ddp", "fsdp2", "zero2", "zero3")]
     for r in runs:
         print(f"{r['strategy']}, {r['ranks']} rank(s): {r['mean_step_s'] * 1e3:.0f} ms/step (min "
               f"{r['min_step_s'] * 1e3:.0f}; rollout {r['mean_rollout_s'] * 1e3:.0f}, train "

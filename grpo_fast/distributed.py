@@ -191,7 +191,13 @@ def zero_engine(cfg, model: torch.nn.Module, optimizer=None, micro_batches: int 
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=zero_config(cfg, micro_batches))
+    if optimizer is not None:
+        _TRAINED_ENGINES[id(model)] = engine
     return engine
+
+
+# The ZeRO engine training each model (by id), for `gathered`: its hooks are the optimizer's.
+_TRAINED_ENGINES: dict = {}
 
 
 def is_zero_engine(model) -> bool:
@@ -283,8 +289,12 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
     zero3 = _zero3_parameters(model)
     if zero3:
         import deepspeed
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-        with deepspeed.zero.GatheredParameters(zero3):
+        engine = _TRAINED_ENGINES.get(id(model))
+        # A trained model's per-module fetch hooks come off too (DeepSpeed's own helper, which
+        # TRL uses): on every decoded token they would cost more than the forward of a small model.
+        with unwrap_model_for_generation(engine) if engine is not None else deepspeed.zero.GatheredParameters(zero3):
             yield
         return
     if not isinstance(model, FSDPModule):

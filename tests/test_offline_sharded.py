@@ -1,12 +1,12 @@
-"""DeepSpeed ZeRO through the shipped accelerate configs (configs/accelerate/zero2.yaml,
-zero3.yaml).
-
-* Offline training under ZeRO-2 and ZeRO-3 (HF's Trainer applies them; the loss reads the
-  LM head inside its forward, where ZeRO-3 gathers it): runs to the end, logs every row once
-  and writes the whole model. Needs CUDA and deepspeed, so it runs on GPU machines only.
+"""Offline training sharded through the shipped accelerate configs (configs/accelerate/fsdp2.yaml,
+zero2.yaml, zero3.yaml): HF's Trainer and accelerate apply them, on GPUs only (on a CPU
+accelerate runs DDP), so these run where CUDA is (one process per GPU, at most 2). The loss reads
+the LM head inside the sharded model's forward (FSDP2's root, ZeRO-3's head module); a run goes
+to the end, logs every row once and writes the whole model. grpo-fast's own part, the log-probs
+and gradients of a sharded model, is checked on CPU by tests/test_sharded.py.
 Online mode under ZeRO-2/3 runs on CPUs too (DeepSpeed's CPU accelerator): tests/test_sharded.py.
 
-    pytest tests/test_deepspeed.py
+    pytest tests/test_offline_sharded.py
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None,
-                    reason="DeepSpeed needs CUDA and the deepspeed package")
-@pytest.mark.parametrize("stage", [2, 3])
-def test_offline_trains_under_zero(tmp_path, stage):
+                    reason="accelerate shards offline runs on GPUs only (and DeepSpeed needs the deepspeed package)")
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero2", "zero3"])
+def test_offline_trains_sharded(tmp_path, strategy):
     from safetensors.torch import load_file
 
     from grpo_fast.rundir import read_jsonl
 
     out = tmp_path / "run"
     procs = min(2, torch.cuda.device_count())
-    done = subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"zero{stage}.yaml"),
+    done = subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{strategy}.yaml"),
                            "--num_processes", str(procs), "--main_process_port", str(free_port()), "--no_python",
                            "grpo-fast", "train", "--config", str(ROOT / "configs" / "tiny-offline.yaml"),
                            "--set", f"output_dir={out}", "--set", "max_steps=4", "--set", "logging_steps=1",

@@ -20,7 +20,7 @@ float rounding (tests/test_shared_prompt.py). `group_logprobs` does the same for
 
 The trainers' entry points are `group_logprobs` (offline groups) and `completion_logps` /
 `reference_logps` (online rollouts, at the rollout's sampling temperature); both accept a model
-wrapped in DistributedDataParallel or sharded by FSDP2 (`as_forward`).
+wrapped in DistributedDataParallel or a DeepSpeed engine, or sharded by FSDP2 (`as_forward`).
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def as_forward(model, fn: Callable[[torch.nn.Module], Any]) -> Any:
     gradient all-reduce for the backward only in its forward (calling the inner model directly
     would let ranks drift apart); FSDP2 gathers the root's parameters (embeddings, final norm,
     LM head) only in the root's forward, and keeps them for its backward, so `fn` reaches the
-    decoder and the whole LM head for the kernel, which neither wrapper exposes."""
+    decoder and the whole LM head for the kernel, which no wrapper exposes."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
         inner = model.module
     elif isinstance(model, FSDPModule):
@@ -328,7 +328,7 @@ def group_logprobs(model, batch: dict[str, torch.Tensor], *, normalize: bool = F
                    backend: str = "auto", shared_prompt: bool = False) -> torch.Tensor:
     """Sequence log-probs (B, K) of a padded batch of groups (grpo_fast.data.GroupCollator);
     padded group slots (group_mask False) are never run and read 0. `model` may be wrapped in
-    DDP or sharded by FSDP2 (`as_forward`).
+    DDP or a DeepSpeed engine, or sharded by FSDP2 (`as_forward`).
 
     `shared_prompt` runs a group's prompt once for its K completions (`shared_prompt_logprobs`),
     unless the model checkpoints gradients or a row's prompt was truncated away entirely."""
@@ -354,8 +354,8 @@ def completion_logps(model, roll, *, backend: str = "auto", shared_prompt: bool 
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies (N, C) of a rollout's (grpo_fast.rollout.Rollout)
     completion tokens, zero after EOS, at the temperature the rollout was sampled at (read from
-    it, so they describe the distribution that was sampled). `model` may be wrapped in DDP or
-    sharded by FSDP2.
+    it, so they describe the distribution that was sampled). `model` may be wrapped in DDP or a
+    DeepSpeed engine, or sharded by FSDP2.
 
     `shared_prompt` runs each distinct prompt once (`shared_prompt_logprobs`), unless the model
     checkpoints gradients (HF then refuses the KV cache it needs)."""

@@ -101,8 +101,8 @@ class OnlineTrainer:
         # loads; nothing is written before that.
         resume_dir, self.reward_fns = checked or preflight(cfg, resume, ONLINE_CHECKPOINT_FILES)
         # Under torchrun / accelerate launch: one rank per process, each sampling its own share
-        # of a step's prompts, the model replicated (DDP) or sharded (FSDP2) as the launcher's
-        # accelerate config says (grpo_fast.distributed); a world of one otherwise.
+        # of a step's prompts, the model replicated (DDP) or sharded (FSDP2, DeepSpeed ZeRO) as the
+        # launcher's accelerate config says (grpo_fast.distributed); a world of one otherwise.
         try:
             self.world = distributed.setup()
             distributed.check(cfg, self.world.size, self.world.strategy)
@@ -125,7 +125,7 @@ class OnlineTrainer:
             self.ref_model.eval().requires_grad_(False)
             if self.world.sharded:
                 distributed.shard(self.ref_model)
-            elif self.world.strategy == "zero3" and self.world.zero:
+            elif self.world.zero and self.world.strategy == "zero3":
                 self.ref_model = distributed.zero_engine(cfg, self.ref_model)
         if self.world.size > 1:
             set_seed(cfg.seed + self.world.rank)
@@ -292,7 +292,8 @@ class OnlineTrainer:
                     if not self.loss_type.global_normalizer:
                         loss = loss / ga
                     else:
-                        # DDP averages the ranks' gradients; a global normalizer wants their sum.
+                        # DDP, FSDP2 and ZeRO average the ranks' gradients; a global normalizer
+                        # wants their sum.
                         loss = loss * self.world.size
                     self.update.backward(loss)
                     loss_sum += loss.detach()

@@ -96,7 +96,7 @@ def sample_completions(model, prompt_ids: Tensor, prompt_mask: Tensor, *, num_ge
     finished ones as a certain pad, so the random stream, and with it every sample, is what
     `generate` draws from the same seed (tests/test_online.py).
 
-    `all_finished(done_here)` (a model sharded by FSDP2, where every forward is a collective)
+    `all_finished(done_here)` (a model sharded by FSDP2 or ZeRO-3: every forward is a collective)
     says whether every rank is done: a rank that finishes first keeps step with the others, one
     one-token forward per token they decode, as `generate(synced_gpus=True)` does."""
     eos = torch.tensor(list(eos_ids), device=prompt_ids.device)

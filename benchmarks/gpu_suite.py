@@ -1,7 +1,8 @@
-"""GPU verification of issue 5 in one call: kernel correctness, log-prob benchmarks, roofline,
-and a full QLoRA GRPO step at the Qwen2.5-1.5B shape with the planner's estimate beside it.
+"""GPU verification in one call: kernel correctness, log-prob benchmarks, roofline,
+a full QLoRA GRPO step at the Qwen2.5-1.5B shape with the planner's estimate beside it (issue 5),
+and offline training under the sharded accelerate configs (issue 14).
 
-    python benchmarks/gpu_suite.py [--out benchmarks/results] [--parts kernels,bench,roofline,step]
+    python benchmarks/gpu_suite.py [--out benchmarks/results] [--parts kernels,bench,roofline,step,sharded]
 
 Parts (each recorded, a failing one does not stop the others; the exit status is non-zero if
 any failed):
@@ -31,6 +32,9 @@ any failed):
   rollout and training tokens/s, the planner's `estimate(cfg, shape).allocated` and its relative
   error, and packed-vs-padded log-probs of the same model on an unevenly padded batch. Goals
   (issue 5): peak under 6 GB, planner within 15%.
+- `sharded`: tests/test_offline_sharded.py, offline training under the shipped fsdp2, zero2 and
+  zero3 accelerate files, which HF's Trainer applies on GPUs only (one process per GPU, at most
+  2); skipped in the CPU smoke run.
 
 Writes results/gpu-suite-<gpu-name-slug>.json (appended, one record per run, as the benchmarks
 do) and gpu-suite-<slug>.md (this run's summary). Without a CUDA device it exits at once with
@@ -64,7 +68,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PRESET = ROOT / "configs" / "qwen2.5-1.5b-gsm8k-qlora.yaml"
 SHAPE_15B = ROOT / "configs" / "models" / "qwen2.5-1.5b.json"
 SHAPE_TINY = ROOT / "configs" / "models" / "tiny-llama.json"
-PARTS = ("kernels", "bench", "roofline", "step")
+PARTS = ("kernels", "bench", "roofline", "step", "sharded")
 NO_CUDA_EXIT = 2
 GOAL_PEAK_BYTES = 6 * 10**9
 GOAL_PLANNER_ERROR = 0.15
@@ -403,7 +407,13 @@ def part_step(device: str, sizes: Sizes, tiny: bool) -> dict:
     return out
 
 
-RUNNERS = {"kernels": part_kernels, "bench": part_bench, "roofline": part_roofline, "step": part_step}
+def part_sharded(device: str, sizes: Sizes, tiny: bool) -> dict:
+    return {"skipped": "offline sharding needs CUDA", "ok": True} if tiny else \
+        _pytest(["tests/test_offline_sharded.py", "-q"], {})
+
+
+RUNNERS = {"kernels": part_kernels, "bench": part_bench, "roofline": part_roofline, "step": part_step,
+           "sharded": part_sharded}
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,6 +471,10 @@ def markdown(record: dict) -> str:
                 f"({s['packing']['attention']})"]
             if "goals" in s:
                 lines.append(f"  goals: {s['goals']}")
+    if "sharded" in parts:
+        d = parts["sharded"]
+        lines.append(f"- offline under fsdp2 / zero2 / zero3 (tests/test_offline_sharded.py): "
+                     f"{d.get('summary', d.get('skipped', d.get('error')))}")
     return "\n".join(lines) + "\n"
 
 

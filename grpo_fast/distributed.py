@@ -332,7 +332,18 @@ def full_state_dict(world: World, model: torch.nn.Module) -> Optional[dict]:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(zero3):
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if world.main else None
+            if not world.main:
+                return None
+            # Copies (the gathered weights are freed on leaving), one per storage, so tied
+            # weights stay one tensor and are written once.
+            copies: dict = {}
+            state = {}
+            for name, value in model.state_dict().items():
+                key = value.data_ptr() if value.numel() else id(value)  # empty tensors share address 0
+                if key not in copies:
+                    copies[key] = value.detach().cpu().clone()
+                state[name] = copies[key]
+            return state
     if not world.sharded:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -15,11 +15,12 @@ the advantages, token counts for the global normalizer, metrics and completions 
 The strategy is the launcher's: `accelerate launch` with an FSDP or DeepSpeed config exports
 ACCELERATE_USE_FSDP / FSDP_VERSION / FSDP_* or ACCELERATE_USE_DEEPSPEED /
 ACCELERATE_DEEPSPEED_* (read here, so the same file means the same on a CPU, where accelerate
-itself would fall back to DDP); anything else is DDP. `wrap` applies DDP (the model replicated)
-or FSDP2 (torch's `fully_shard`, one unit per decoder layer plus the root: parameters, gradients
-and optimizer states sharded); `zero_engine` wraps model and optimizer in a DeepSpeed ZeRO-2/3
-engine (gloo on a CPU, through DeepSpeed's CPU accelerator). `TorchUpdate` / `ZeroUpdate` turn a
-step's micro-batch losses into one optimizer update either way. With sharded weights (FSDP2,
+itself would fall back to DDP); anything else is DDP. `prepare` applies it to the policy and its
+optimizer: DDP (the model replicated), FSDP2 (`shard`: torch's `fully_shard`, one unit per decoder
+layer plus the root, parameters, gradients and optimizer states sharded) or a DeepSpeed ZeRO-2/3
+engine around model and optimizer (`zero_engine`; gloo on a CPU, through DeepSpeed's CPU
+accelerator), with the `TorchUpdate` / `ZeroUpdate` that turns a step's micro-batch losses into
+one optimizer update; `prepare_frozen` spreads a reference model the same way. With sharded weights (FSDP2,
 ZeRO-3) every forward is a collective, so every rank must run the same number of them:
 `all_true` lets a rank that has finished decoding keep step with the others, `gathered` holds
 the whole policy for a rollout instead (grpo_fast.rollout.hf).
@@ -27,9 +28,9 @@ the whole policy for a rollout instead (grpo_fast.rollout.hf).
 
 from __future__ import annotations
 
-import os
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from enum import Enum
 from typing import Iterator, Optional
@@ -40,6 +41,7 @@ from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
 
 from .config import ConfigError
+from .optim import build_optimizer
 
 
 STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
@@ -123,8 +125,8 @@ def check(cfg, size: int, strategy: str) -> None:
     if size == 1:
         return
     q = cfg.quantization
-    if strategy.startswith("zero") and cfg.mixed_precision == "fp16":
-        raise ValueError("mixed_precision: fp16 under DeepSpeed would need DeepSpeed's own loss scaler: use bf16")
+    if strategy != "ddp" and cfg.mixed_precision == "fp16":
+        raise ValueError(f"mixed_precision: fp16 under {strategy} would need a sharded loss scaler: use bf16")
     if strategy == "zero3" and (q.load_in_4bit or q.load_in_8bit):
         raise ValueError(f"quantization.load_in_{4 if q.load_in_4bit else 8}bit: ZeRO-3 partitions every weight, and "
                          "bitsandbytes' quantized ones do not survive it: run QLoRA with configs/accelerate/zero2.yaml "
@@ -138,8 +140,6 @@ def check(cfg, size: int, strategy: str) -> None:
         raise ValueError(f"quantization.load_in_{4 if q.load_in_4bit else 8}bit: a bitsandbytes base cannot be "
                          "sharded by FSDP2 (fully_shard makes every parameter a DTensor, which drops the "
                          "quantization state): run QLoRA data-parallel, configs/accelerate/ddp.yaml")
-    if cfg.mixed_precision == "fp16":
-        raise ValueError("mixed_precision: fp16 under FSDP2 would need a sharded loss scaler: use bf16")
 
 
 def shutdown() -> None:
@@ -150,17 +150,37 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(world: World, model: torch.nn.Module) -> torch.nn.Module:
-    """What the training passes run. DDP: the model in a DistributedDataParallel wrapper, whose
-    backward all-reduces (averages) the gradients (everything else uses the model itself).
-    FSDP2: the model itself, sharded in place (`shard`). A world of one: the model."""
-    if world.size == 1:
-        return model
+def prepare(world: World, cfg, model: torch.nn.Module, scaler):
+    """(train_model, optimizer, update) for training `model` under the world's strategy.
+    train_model is what the training passes run: the model (a world of one), its DDP wrapper
+    (whose backward all-reduces the gradients), the model sharded in place by FSDP2 (`shard`,
+    the optimizer then built over the shards), or a ZeRO engine around model and optimizer
+    (`zero_engine`); everything else uses the model itself. `update` turns a step's micro-batch
+    losses into one optimizer update (TorchUpdate, ZeroUpdate)."""
+    if world.zero:
+        optimizer = build_optimizer(cfg, model)
+        engine = zero_engine(cfg, model, optimizer, micro_batches=cfg.gradient_accumulation_steps)
+        return engine, optimizer, ZeroUpdate(engine)
+    train_model = model
+    if world.sharded:
+        shard(model)
+    elif world.size > 1:
+        device = next(model.parameters()).device
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(cfg, model)
+    update = TorchUpdate(optimizer, [p for p in model.parameters() if p.requires_grad], scaler, cfg.max_grad_norm)
+    return train_model, optimizer, update
+
+
+def prepare_frozen(world: World, cfg, model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen model (a full fine-tune's reference) spread as the policy is: sharded by FSDP2,
+    partitioned in a ZeRO-3 engine of its own, else as is (replicated: nothing to reduce)."""
     if world.sharded:
         return shard(model)
-    device = next(model.parameters()).device
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world.zero and world.strategy == "zero3":
+        return zero_engine(cfg, model)
+    return model
 
 
 def zero_config(cfg, micro_batches: int) -> dict:
@@ -198,10 +218,6 @@ def zero_engine(cfg, model: torch.nn.Module, optimizer=None, micro_batches: int 
 
 # The ZeRO engine training each model (by id), for `gathered`: its hooks are the optimizer's.
 _TRAINED_ENGINES: dict = {}
-
-
-def is_zero_engine(model) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
 
 
 def is_zero3(model: torch.nn.Module) -> bool:

@@ -301,13 +301,18 @@ def as_forward(model, fn: Callable[[torch.nn.Module], Any]) -> Any:
     would let ranks drift apart); FSDP2 gathers the root's parameters (embeddings, final norm,
     LM head) only in the root's forward, and keeps them for its backward, so `fn` reaches the
     decoder and the whole LM head for the kernel, which no wrapper exposes."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
-        inner = model.module
-    elif isinstance(model, FSDPModule):
-        inner = model
-    else:
+    inner = unwrapped(model)
+    if inner is model and not isinstance(model, FSDPModule):
         return fn(model)
     return _run_as_forward(model, inner, lambda: fn(inner))
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper or a DeepSpeed engine (whose forward
+    calls it), else `model` itself (an FSDP2 root is the model)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        return model.module
+    return model
 
 
 def _run_as_forward(outer: torch.nn.Module, inner: torch.nn.Module, fn: Callable[[], Any]) -> Any:
@@ -385,8 +390,8 @@ def reference_logps(model, ref_model, roll, *, backend: str = "auto", shared_pro
     kwargs = dict(backend=backend, shared_prompt=shared_prompt)
     if ref_model is not None:
         return completion_logps(ref_model, roll, **kwargs)[0]
-    # No backward follows, so a DDP wrapper has nothing to arm: use the model inside it.
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
+    # No backward follows, so a wrapper has nothing to arm: use the model inside it (the wrapper
+    # has no disable_adapter).
+    model = unwrapped(model)
     with model.disable_adapter():
         return completion_logps(model, roll, **kwargs)[0]

@@ -169,9 +169,10 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
                                    score_temperature=off.score_temperature)
         if off.beta > 0:
             # Reference = the same weights with the LoRA adapter off: no second copy in memory.
-            # No backward follows it, so it runs on the model inside a DDP wrapper (which has no
-            # disable_adapter: looking for it on the wrapper would make the reference the policy).
-            inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+            # No backward follows it, so it runs on the model inside a DDP wrapper or DeepSpeed
+            # engine (which have no disable_adapter: looking for it on the wrapper would make the
+            # reference the policy).
+            inner = logprobs.unwrapped(model)
             ctx = inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
             with torch.no_grad(), ctx:
                 ref_logps = self.group_logprobs(inner, inputs)

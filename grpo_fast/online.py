@@ -52,7 +52,6 @@ from .logprobs import completion_logps, reference_logps
 from .losses import (get_loss_type, group_advantages, grpo_loss, high_entropy_mask, sampling_importance_weights,
                      truncated_completion_mask, zero_std_fraction)
 from .modeling import default_device, load_base_model, load_model_and_tokenizer
-from .optim import build_optimizer
 from .preflight import check_finite, preflight
 from .rewards import RewardLogs, compute_rewards, reward_columns, reward_metrics
 from .rewards import TrainerState as RewardTrainerState
@@ -122,11 +121,7 @@ class OnlineTrainer:
             # Full fine-tuning has no adapter to switch off: the reference is the starting
             # model, loaded once more (on resume too, where self.model holds trained weights).
             self.ref_model, _ = load_base_model(cfg, self.device)
-            self.ref_model.eval().requires_grad_(False)
-            if self.world.sharded:
-                distributed.shard(self.ref_model)
-            elif self.world.zero and self.world.strategy == "zero3":
-                self.ref_model = distributed.zero_engine(cfg, self.ref_model)
+            self.ref_model = distributed.prepare_frozen(self.world, cfg, self.ref_model.eval().requires_grad_(False))
         if self.world.size > 1:
             set_seed(cfg.seed + self.world.rank)
         # Every rank must run as many forwards as the others with sharded weights; sharing a
@@ -157,24 +152,15 @@ class OnlineTrainer:
         # From the config, also on resume: `--resume --set max_steps=...` extends a run.
         self.total_steps = total_steps
         self.state = TrainState()
-        # What the training passes run: the model, its DDP wrapper (whose backward all-reduces
-        # the gradients), the model sharded in place by FSDP2 (its optimizer then built over the
-        # shards), or a ZeRO engine around model and optimizer. Everything else uses self.model.
-        if self.world.zero:
-            self.optimizer = build_optimizer(cfg, self.model)
-            self.train_model = distributed.zero_engine(cfg, self.model, self.optimizer,
-                                                       micro_batches=cfg.gradient_accumulation_steps)
-        else:
-            self.train_model = distributed.wrap(self.world, self.model)
-            self.optimizer = build_optimizer(cfg, self.model)
+        # Dynamic loss scaling keeps fp16 gradients from underflowing; disabled it passes through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        # What the training passes run (the model, its DDP wrapper, the model sharded by FSDP2, or
+        # a ZeRO engine), the optimizer, and how micro-batch losses become an update.
+        self.train_model, self.optimizer, self.update = distributed.prepare(self.world, cfg, self.model, self.scaler)
         updates = total_steps * self.o.num_iterations
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=math.ceil(cfg.warmup_ratio * updates),
                                        num_training_steps=updates)
-        # Dynamic loss scaling keeps fp16 gradients from underflowing; disabled it passes through.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
-        self.update = (distributed.ZeroUpdate(self.train_model) if self.world.zero else
-                       distributed.TorchUpdate(self.optimizer, self.trainable, self.scaler, cfg.max_grad_norm))
         if resume_dir:
             self.load_checkpoint(resume_dir)
         # One stream, the same on every rank: each takes the whole step's prompts, keeps its share.

@@ -1,6 +1,7 @@
 """Data parallelism for the online trainer: the process group that `torchrun` or `accelerate
-launch` set up the environment for, how the model is spread over it (DDP or FSDP2), and the
-few collectives the step needs.
+launch` set up the environment for, how the model is spread over it (DDP, FSDP2 or ZeRO), and
+the few collectives the step needs. The offline trainer (HF's Trainer) uses `strategy`, `check`,
+`shard` and the whole-state-dict helpers.
 
     torchrun --nproc_per_node 2 --no-python grpo-fast train --config configs/tiny-online.yaml
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --no_python grpo-fast train ...
@@ -365,7 +366,16 @@ def full_state_dict(world: World, model: torch.nn.Module) -> Optional[dict]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if world.main else None
+    if not world.main:
+        return None
+    # A tied parameter (embeddings and LM head) gathers into one copy per name: one tensor under
+    # all its names again, so it is written once, as the unsharded model writes it.
+    owner: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = owner.setdefault(id(param), name)
+        if first != name and first in state and name in state:
+            state[name] = state[first]
+    return state
 
 
 def optimizer_state_dict(world: World, model: torch.nn.Module, optimizer) -> Optional[dict]:

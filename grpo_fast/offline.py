@@ -16,26 +16,26 @@ Data-parallel through HF's own distributed support (gloo on CPU, NCCL on GPUs):
     accelerate launch --multi_gpu --num_processes 2 --no_python grpo-fast train --config ...
 
 (accelerate's --multi_gpu is its torchrun launcher, CPU processes included; without it, and
-without an accelerate config, it starts one process.) An FSDP2 or DeepSpeed accelerate config
-(configs/accelerate/) is HF's and accelerate's to apply, on GPUs (on a CPU accelerate runs DDP);
-the loss runs the kernel inside the sharded model's forward (grpo_fast.logprobs.as_forward,
-LMHead.apply), where the LM head is whole, and the final model is gathered whole before it is
-written. A 4-bit base under FSDP2 is refused (grpo_fast.distributed.check).
-
-`batch_size` is per process: N processes at batch_size b train on the same global batches, in the
-same order, as one process at N*b (tests/test_offline_ddp.py). The main process alone writes the
-base model, metrics.jsonl, checkpoint renames and the final adapter; the others log warnings only.
+without an accelerate config, it starts one process.) Under an FSDP2 accelerate config
+(configs/accelerate/fsdp2.yaml) grpo-fast shards the model itself, on CPUs and GPUs alike, as the
+online trainer does (grpo_fast.distributed.shard; accelerate would run DDP on a CPU): HF's Trainer
+is handed a model sharded at load time, which it neither wraps nor shards again, and the
+checkpoints hold the whole weights and optimizer states, gathered from the shards
+(OfflineGRPOTrainer.save_model, _save_sharded_state). A DeepSpeed config is HF's and accelerate's to apply, on GPUs (on a CPU
+accelerate runs DDP). Either way the loss runs the kernel inside the sharded model's forward
+(grpo_fast.logprobs.as_forward, LMHead.apply), where the LM head is whole, and the final model is
+gathered whole before it is written. A 4-bit base under FSDP2 is refused (grpo_fast.distributed.check).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,7 +52,7 @@ from .optim import build_optimizer
 from .errors import TrainingStopped
 from .preflight import check_finite, preflight
 from .rundir import (CONFIG_FILE, METRICS_FILE, OFFLINE_CHECKPOINT_FILES, TMP_PREFIX, JsonlWriter,
-                     rotate_checkpoints, save_final, truncate_jsonl)
+                     load_torch_state, rotate_checkpoints, save_final, truncate_jsonl)
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +140,9 @@ class GRPOTrainerMixin:
 class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
     """`Trainer` with the listwise offline GRPO loss (grpo_fast.listwise.listwise_kl_loss)."""
 
-    def __init__(self, cfg: Config, **kwargs: Any):
+    def __init__(self, cfg: Config, world: distributed.World, **kwargs: Any):
         super().__init__(**kwargs)
-        self.cfg = cfg
+        self.cfg, self.world = cfg, world
         self._init_metrics()
 
     def group_logprobs(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -173,7 +173,7 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
             # engine (which have no disable_adapter: looking for it on the wrapper would make the
             # reference the policy).
             inner = logprobs.unwrapped(model)
-            ctx = inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
+            ctx = inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext()
             with torch.no_grad(), ctx:
                 ref_logps = self.group_logprobs(inner, inputs)
             # KL(p_ref || p) between the reference's and the policy's group distributions.
@@ -213,6 +213,8 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
         self.args.output_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
+            if self.world.sharded:
+                self._save_sharded_state(staging / name)
         finally:
             self.args.output_dir = str(out)
         self.accelerator.wait_for_everyone()
@@ -224,45 +226,111 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
             rotate_checkpoints(out, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
 
+    # -- FSDP2: grpo-fast shards the model (train_offline), HF's Trainer is told it came sharded. --
+    # HF then writes only the model into a checkpoint (it cannot gather the optimizer's shards),
+    # and that model a shard per rank; these methods write and read the whole of both instead.
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        """Gradients reduce-scattered in every micro-batch's backward, as the online trainer
+        does under FSDP2: deferring would hold every gradient whole until the last one."""
+        yield
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        if not self.world.sharded:
+            return super().save_model(output_dir, _internal_call)
+        state_dict = distributed.full_state_dict(self.world, self.model)  # every rank gathers
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
+
+    def _save_sharded_state(self, ckpt: Path) -> None:
+        """The whole optimizer state (gathered from the shards), the scheduler and every rank's
+        RNG state into `ckpt`, beside the whole model `save_model` wrote: what HF's checkpoint
+        holds unsharded, so that `--resume` continues exactly."""
+        optimizer_state = distributed.optimizer_state_dict(self.world, self.model, self._torch_optimizer())
+        self._save_rng_state(str(ckpt))
+        if self.args.should_save:
+            torch.save(optimizer_state, ckpt / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), ckpt / "scheduler.pt")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self.world.sharded:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # Sharded, the weights were read from the checkpoint before the model was (train_offline).
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        if not self.world.sharded or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        state = load_torch_state(Path(checkpoint) / "optimizer.pt", map_location="cpu")
+        distributed.load_optimizer_state_dict(self.world, self.model, self._torch_optimizer(), state)
+        self.lr_scheduler.load_state_dict(load_torch_state(Path(checkpoint) / "scheduler.pt"))
+
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer inside accelerate's wrapper, whose parameters torch's state-dict helpers map."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
     def total_steps(self) -> int:
         """The optimizer steps this config trains for, as HF's Trainer counts them."""
         return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
 
-def _sharded(trainer: Trainer) -> bool:
-    """Whether HF's Trainer holds the model sharded: FSDP, or DeepSpeed ZeRO-3."""
-    return bool(trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and
-                                            trainer.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3))
+def _zero3(trainer: Trainer) -> bool:
+    """Whether HF's Trainer holds the model partitioned by DeepSpeed ZeRO-3."""
+    return bool(trainer.is_deepspeed_enabled and
+                trainer.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3)
+
+
+def _mark_sharded(model: torch.nn.Module) -> None:
+    """Tell HF's Trainer that `model` comes sharded, as transformers marks a model it sharded
+    itself at load time (`from_pretrained(distributed_config=...)`): the Trainer then neither
+    moves it, nor wraps it in DDP, nor has accelerate shard it again."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base._is_distributed_loading_by_transformers = True
 
 
 def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = None) -> dict:
     """Train offline; `checked` is what grpo_fast.preflight.preflight returned, if the caller ran it."""
     # Every path and the output directory are checked before any model loads.
     resume_ckpt, _ = checked or preflight(cfg, resume, OFFLINE_CHECKPOINT_FILES)
+    strategy = distributed.strategy()
+    sharded = strategy == "fsdp2" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if sharded:
+        # grpo-fast shards the model (below); accelerate, which would on a GPU, must not as well.
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
     # First, so that under torchrun / accelerate launch the process group is up and the device
     # known: each process loads onto its own device, and only the main one writes or logs.
-    args = training_arguments(cfg)
+    # Sharded, HF can checkpoint the model only: OfflineGRPOTrainer writes the rest.
+    args = training_arguments(cfg, save_only_model=True) if sharded else training_arguments(cfg)
     main = args.should_save
-    world = distributed.World(rank=args.process_index, size=args.world_size, strategy=distributed.strategy())
+    world = distributed.World(rank=args.process_index, size=args.world_size, strategy=strategy)
     try:
         distributed.check(cfg, world.size, world.strategy)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if (world.sharded or world.zero) and not torch.cuda.is_available():
-        # accelerate builds FSDP and DeepSpeed only on GPUs; HF's Trainer then runs DDP.
+    if world.zero and not torch.cuda.is_available():
+        # accelerate builds DeepSpeed engines only on GPUs; HF's Trainer then runs DDP.
         logger.warning("accelerate applies %s on GPUs only: this CPU run is data-parallel (DDP), every process "
                        "holding the whole model", world.strategy)
     if not args.should_log:
         # As HF quiets transformers on the other processes (log_level_replica).
         logging.getLogger(__package__).setLevel(logging.WARNING)
         datasets.disable_progress_bars()
-    model, tokenizer = load_model_and_tokenizer(cfg, device=args.device,
-                                                output_dir=cfg.output_dir if main else None)
+    # Sharded, a resumed run reads the checkpoint's weights here, into the whole model, before
+    # each rank keeps its shard (HF would read them into the shards, which it cannot).
+    model, tokenizer = load_model_and_tokenizer(
+        cfg, device=args.device, output_dir=cfg.output_dir if main else None,
+        adapter_path=str(resume_ckpt) if sharded and resume_ckpt is not None else None)
+    if world.sharded:
+        # Every rank loaded the same weights (seeded inits); each keeps its slice of them.
+        distributed.shard(model)
+        _mark_sharded(model)
+        logger.info("FSDP2: every weight sharded over %d processes", world.size)
     train_ds = load_offline_dataset(cfg.dataset_path, tokenizer, cfg.max_seq_length, cfg.skip_invalid,
                                     score_temperature=cfg.offline.score_temperature)
     logger.info("train data: %d groups from %s", len(train_ds), cfg.dataset_path)
     trainer = OfflineGRPOTrainer(
         cfg,
+        world,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -282,9 +350,11 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
             # HF would train one more step and overwrite the final model: a finished run stays as is.
             logger.info("the run in %s already finished at step %d of %d: nothing to do (raise "
                         "max_steps or num_epochs to train further)", cfg.output_dir, step, total)
+            # Sharded, every rank gathers the weights, which are the checkpoint's already.
+            state_dict = distributed.full_state_dict(world, trainer.model)
             if main and not (Path(cfg.output_dir) / CONFIG_FILE).is_file():
                 trainer._load_from_checkpoint(str(resume_ckpt))
-                save_final(cfg, trainer.model, tokenizer, cfg.output_dir)
+                save_final(cfg, trainer.model, tokenizer, cfg.output_dir, state_dict=state_dict)
             trainer.accelerator.wait_for_everyone()
             return {"global_step": step}
         logger.info("resuming from %s at step %d of %d", resume_ckpt, step, total)
@@ -295,7 +365,10 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
     # trainer.model is the model inside any DDP wrapper, identical on every process after the
     # last all-reduced step: one copy is written. Sharded (FSDP2, ZeRO-3), it is gathered whole
     # first, every process taking part.
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if _sharded(trainer) else None
+    if _zero3(trainer):
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    else:
+        state_dict = distributed.full_state_dict(world, trainer.model)
     if main:
         save_final(cfg, trainer.model, tokenizer, cfg.output_dir, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()

@@ -1,11 +1,16 @@
-"""Offline GRPO data-parallel under torchrun: 2 CPU processes (gloo) against one.
+"""Offline GRPO on 2 CPU processes (gloo) against one: data-parallel under torchrun, and sharded
+by FSDP2 under `accelerate launch --config_file configs/accelerate/fsdp2.yaml` (grpo-fast shards
+the model itself; HF's Trainer gets it sharded), the LoRA adapter or every weight trained.
 
 * 2 ranks at batch_size 2 train what one process trains at batch_size 4 (HF's sampler gives
   rank r the r-th of each pair of consecutive seeded batches, so both see the same global
-  batches in the same order): the final adapters agree to float rounding, and so do the logged
-  loss, KL, entropy, top-1 score, reference KL (offline.beta > 0) and gradient norm.
-* The run directory is written once: one adapter, one save, metrics.jsonl with each step once,
-  one end-of-run summary, checkpoints holding both ranks' RNG states, no staging left over.
+  batches in the same order): the final weights agree to float rounding, and so do the logged
+  loss, KL, entropy, top-1 score, reference KL (offline.beta > 0) and gradient norm. Under FSDP2
+  the log-probs come from the Triton kernel (interpreted) reading the LM head gathered in the
+  root's forward, in both runs.
+* The run directory is written once: one adapter (or model, whole), one save, metrics.jsonl
+  with each step once, one end-of-run summary, checkpoints holding both ranks' RNG states and
+  the optimizer state (whole under FSDP2), no staging left over.
 * A run resumed under 2 ranks from its step-2 checkpoint ends bit for bit where it ended.
 
     pytest tests/test_offline_ddp.py
@@ -29,10 +34,14 @@ from grpo_fast.cli import train
 from grpo_fast.config import config_from_dict
 from grpo_fast.modeling import load_model_and_tokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_online_ddp import free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 # The console script beside this interpreter: run by torchrun as is (--no-python), so that no
 # `python -m` puts a working directory holding kernels/ in front of HF's `kernels` package.
 GRPO_FAST = str(Path(sys.executable).with_name("grpo-fast"))
+FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
 STEPS = 4
 # Relative error of the update, ||ddp - single|| / ||single - init||: measured 4e-6 on this
 # machine (float rounding: the all-reduce sums in another order); a reference that is the policy
@@ -51,22 +60,34 @@ def config(tmp_path: Path) -> dict:
             "offline": {"beta": 0.1, "score_temperature": 0.25}}
 
 
-def torchrun(cfg: dict, tmp_path: Path, *extra: str) -> str:
-    """`grpo-fast train` on 2 CPU ranks at half the config's batch_size; its stdout + stderr."""
-    path = tmp_path / "ddp.yaml"
+def launch(launcher: str, cfg: dict, tmp_path: Path, *extra: str) -> str:
+    """`grpo-fast train` on 2 CPU ranks at half the config's batch_size, under torchrun or
+    accelerate launch with the FSDP2 file; its stdout + stderr."""
+    path = tmp_path / "ranks.yaml"
     path.write_text(json.dumps({**cfg, "batch_size": cfg["batch_size"] // 2}))  # JSON is YAML
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", "--no-python", GRPO_FAST, "train",
-                           "--config", str(path), *extra],
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(FSDP2),
+                   "--num_processes", "2", "--main_process_port", str(free_port())]
+    done = subprocess.run([*command, "--no-python" if launcher == "torchrun" else "--no_python", GRPO_FAST,
+                           "train", "--config", str(path), *extra],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     return log
 
 
-def adapter(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "adapter_model.safetensors"))
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    """The run's final adapter, or its whole model."""
+    adapter = run / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else run / "model.safetensors"))
+
+
+def start_weights(cfg: dict) -> dict[str, torch.Tensor]:
+    model = load_model_and_tokenizer(config_from_dict(cfg))[0]
+    return get_peft_model_state_dict(model) if cfg["lora"]["enabled"] else dict(model.state_dict())
 
 
 def rows(run: Path) -> list[dict]:
@@ -79,33 +100,53 @@ def rel_err(got: dict, want: dict, start: dict) -> float:
     return num / den
 
 
-def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_once(tmp_path):
+CASES = [("torchrun", True), ("fsdp2", True), ("fsdp2", False)]
+
+
+@pytest.mark.parametrize("launcher,lora", CASES, ids=["ddp-lora", "fsdp2-lora", "fsdp2-full"])
+def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_once(tmp_path, launcher, lora):
     cfg = config(tmp_path)
-    ddp, single = tmp_path / "ddp", tmp_path / "single"
-    log = torchrun({**cfg, "output_dir": str(ddp)}, tmp_path)
+    cfg["lora"]["enabled"] = lora
+    if launcher == "fsdp2":
+        cfg["logprob_backend"] = "triton"
+    if not lora:
+        # A full fine-tune's offline reference would be the policy itself.
+        cfg["offline"]["beta"] = 0.0
+    ranks, single = tmp_path / "ranks", tmp_path / "single"
+    log = launch(launcher, {**cfg, "output_dir": str(ranks)}, tmp_path)
     train(config_from_dict({**cfg, "output_dir": str(single)}))
 
-    start = get_peft_model_state_dict(load_model_and_tokenizer(config_from_dict(cfg))[0])
-    assert rel_err(adapter(ddp), adapter(single), start) < UPDATE_RTOL
+    got_weights, want_weights = weights(ranks), weights(single)
+    assert got_weights.keys() == want_weights.keys()
+    assert all(got_weights[k].shape == w.shape for k, w in want_weights.items()), "written whole"
+    assert rel_err(got_weights, want_weights, start_weights(cfg)) < UPDATE_RTOL
 
-    got, want = rows(ddp), rows(single)
+    got, want = rows(ranks), rows(single)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    assert all(r["ref_kl"] > 0 for r in want[1:])  # the reference is not the policy
+    if lora:
+        assert all(r["ref_kl"] > 0 for r in want[1:])  # the reference is not the policy
     for g, w in zip(got, want):
-        for key in LOGGED:
+        for key in LOGGED if lora else [k for k in LOGGED if k != "ref_kl"]:
             assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (g["step"], key)
 
     # Written once, by the main process; everything the run logs, logged once.
-    assert log.count("saved LoRA adapter") == 1 and log.count("train data: 32 groups") == 1
+    saved = "saved LoRA adapter" if lora else "saved model"
+    assert log.count(saved) == 1 and log.count("train data: 32 groups") == 1
     assert log.count("'train_runtime'") == 1
-    assert sorted(p.name for p in ddp.iterdir() if p.is_dir()) == ["base_model", "checkpoint-2", "checkpoint-4"]
+    assert log.count("sharded over 2 processes") == (launcher == "fsdp2")
+    dirs = ["base_model"] if lora else []
+    assert sorted(p.name for p in ranks.iterdir() if p.is_dir()) == [*dirs, "checkpoint-2", "checkpoint-4"]
     for ckpt in ("checkpoint-2", "checkpoint-4"):
-        assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt"} <= {p.name for p in (ddp / ckpt).iterdir()}
+        assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "scheduler.pt"} <= {
+            p.name for p in (ranks / ckpt).iterdir()}
+    optimizer = torch.load(ranks / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    moments = {tuple(s["exp_avg"].shape) for s in optimizer["state"].values()}
+    assert moments == {tuple(w.shape) for w in want_weights.values()}, "whole optimizer states"
 
     # Resumed from step 2 under 2 ranks: rows 3 and 4 are written again, once, and it ends where it ended.
-    final = adapter(ddp)
-    shutil.rmtree(ddp / "checkpoint-4")
-    log = torchrun({**cfg, "output_dir": str(ddp)}, tmp_path, "--resume")
+    final = weights(ranks)
+    shutil.rmtree(ranks / "checkpoint-4")
+    log = launch(launcher, {**cfg, "output_dir": str(ranks)}, tmp_path, "--resume")
     assert "resuming from" in log and "checkpoint-2 at step 2 of 4" in log
-    assert [r["step"] for r in rows(ddp)] == list(range(1, STEPS + 1))
-    assert all(torch.equal(final[k], t) for k, t in adapter(ddp).items())
+    assert [r["step"] for r in rows(ranks)] == list(range(1, STEPS + 1))
+    assert all(torch.equal(final[k], t) for k, t in weights(ranks).items())

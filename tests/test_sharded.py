@@ -16,8 +16,8 @@ DeepSpeed through its CPU accelerator), launched as a user launches it: `acceler
   sample exactly what the whole model samples from the same seed.
 * Offline's log-probs of a padded batch of groups (grpo_fast.logprobs.group_logprobs, the
   Triton kernel on the gathered LM head), policy and adapter-disabled reference, with the
-  gradient of every weight: a sharded model gives what the whole one gives. (HF's Trainer runs
-  the offline loop; accelerate shards it with FSDP2 on GPUs only and runs DDP on a CPU.)
+  gradient of every weight: a sharded model gives what the whole one gives (whole offline runs
+  under FSDP2: tests/test_offline_ddp.py).
 * What FSDP2 cannot run is refused in one line: a 4-bit base, FSDP1.
 
 This file is also the launched child (`--child`), sharing test_online_ddp's configs and rollouts.

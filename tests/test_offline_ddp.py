@@ -100,13 +100,21 @@ def rel_err(got: dict, want: dict, start: dict) -> float:
     return num / den
 
 
-CASES = [("torchrun", True), ("fsdp2", True), ("fsdp2", False)]
+CASES = [("torchrun", "lora"), ("torchrun", "qlora"), ("fsdp2", "lora"), ("fsdp2", "full")]
 
 
-@pytest.mark.parametrize("launcher,lora", CASES, ids=["ddp-lora", "fsdp2-lora", "fsdp2-full"])
-def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_once(tmp_path, launcher, lora):
+@pytest.mark.parametrize("launcher,weights_trained", CASES, ids=["ddp-lora", "ddp-qlora", "fsdp2-lora", "fsdp2-full"])
+def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_once(tmp_path, tmp_path_factory,
+                                                                                    launcher, weights_trained):
     cfg = config(tmp_path)
+    lora = weights_trained != "full"
     cfg["lora"]["enabled"] = lora
+    if weights_trained == "qlora":
+        # Each rank loads its own 4-bit base (a saved checkpoint: bitsandbytes quantizes on load).
+        from test_qlora import save_base
+
+        cfg["model_path"] = save_base(tmp_path_factory, cfg["model_path"])
+        cfg["quantization"] = {"load_in_4bit": True, "compute_dtype": "float32"}
     if launcher == "fsdp2":
         cfg["logprob_backend"] = "triton"
     if not lora:
@@ -134,7 +142,7 @@ def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_on
     assert log.count(saved) == 1 and log.count("train data: 32 groups") == 1
     assert log.count("'train_runtime'") == 1
     assert log.count("sharded over 2 processes") == (launcher == "fsdp2")
-    dirs = ["base_model"] if lora else []
+    dirs = ["base_model"] if weights_trained == "lora" else []  # a base built from a config file
     assert sorted(p.name for p in ranks.iterdir() if p.is_dir()) == [*dirs, "checkpoint-2", "checkpoint-4"]
     for ckpt in ("checkpoint-2", "checkpoint-4"):
         assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "scheduler.pt"} <= {

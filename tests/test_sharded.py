@@ -18,6 +18,7 @@ DeepSpeed through its CPU accelerator), launched as a user launches it: `acceler
   Triton kernel on the gathered LM head), policy and adapter-disabled reference, with the
   gradient of every weight: a sharded model gives what the whole one gives (whole offline runs
   under FSDP2: tests/test_offline_ddp.py).
+* QLoRA, a 4-bit base per rank, trains under ddp.yaml and zero2.yaml.
 * What FSDP2 cannot run is refused in one line: a 4-bit base, FSDP1.
 
 This file is also the launched child (`--child`), sharing test_online_ddp's configs and rollouts.
@@ -242,8 +243,10 @@ def test_a_sharded_run_logs_once_saves_whole_and_resumes_exactly(tmp_path, strat
     assert [r["step"] for r in read_jsonl(resumed / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
 
 
-def test_qlora_trains_under_zero2(tmp_path, tmp_path_factory):
-    """A 4-bit base per rank, the adapter's optimizer states partitioned: two steps, one adapter."""
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_qlora_trains_replicated_and_under_zero2(tmp_path, tmp_path_factory, strategy):
+    """A 4-bit base per rank, the adapter replicated (DDP) or its optimizer states partitioned
+    (ZeRO-2): two steps, one adapter."""
     from test_qlora import save_base
 
     from grpo_fast.rundir import read_jsonl
@@ -253,7 +256,7 @@ def test_qlora_trains_under_zero2(tmp_path, tmp_path_factory):
            *[f"--set={kv}" for kv in (f"output_dir={tmp_path / 'run'}", f"model_path={base}", "max_steps=2",
                                       "logging_steps=1", "lora.enabled=true", "quantization.load_in_4bit=true",
                                       "quantization.compute_dtype=float32", "online.eval_steps=0")],
-           config=ACCELERATE / "zero2.yaml")
+           config=ACCELERATE / f"{strategy}.yaml")
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == [1, 2]
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 

@@ -68,7 +68,8 @@ class OfflineConfig:
     kl_direction: Literal["forward", "reverse"] = "forward"
     # Sums favour short completions (fewer negative terms); the mean removes that length bias.
     length_normalize: bool = False
-    # Weight of KL(p_ref || p) between the reference's and the policy's group distributions.
+    # Weight of KL(p_ref || p) between the reference's and the policy's group distributions. The
+    # reference is the policy with its LoRA adapter off, so beta > 0 needs LoRA.
     beta: float = 0.0
     # A group's K completions share its prompt: run it once, the completions against its KV
     # cache (logprobs.shared_prompt_logprobs; exact up to rounding). Pays off when prompts are
@@ -461,6 +462,9 @@ def validate(cfg: Config) -> Config:
                 and not cfg.lora.enabled),
            "lora.enabled", "quantized (QLoRA) training needs LoRA: quantized weights cannot be trained")
     _check(cfg.lora_path is None or cfg.lora.enabled, "lora_path", "needs lora.enabled: true")
+    # The offline reference is the policy with its adapter switched off: no second copy in memory.
+    _check(cfg.mode != "offline" or cfg.offline.beta == 0 or cfg.lora.enabled, "offline.beta",
+           "the offline reference is the model with its LoRA adapter off: needs lora.enabled: true (or beta 0)")
     _check(0.0 <= o.top_entropy_quantile <= 1.0, "online.top_entropy_quantile",
            f"must be in [0, 1] (1 = every token), got {o.top_entropy_quantile}")
     _check(o.min_p is None or 0.0 <= o.min_p <= 1.0, "online.min_p", f"must be in [0, 1] or null, got {o.min_p}")

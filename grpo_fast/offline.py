@@ -21,10 +21,11 @@ without an accelerate config, it starts one process.) Under an FSDP2 accelerate 
 online trainer does (grpo_fast.distributed.shard; accelerate would run DDP on a CPU): HF's Trainer
 is handed a model sharded at load time, which it neither wraps nor shards again, and the
 checkpoints hold the whole weights and optimizer states, gathered from the shards
-(OfflineGRPOTrainer.save_model, _save_sharded_state). A DeepSpeed config is HF's and accelerate's to apply, on GPUs (on a CPU
-accelerate runs DDP). Either way the loss runs the kernel inside the sharded model's forward
-(grpo_fast.logprobs.as_forward, LMHead.apply), where the LM head is whole, and the final model is
-gathered whole before it is written. A 4-bit base under FSDP2 is refused (grpo_fast.distributed.check).
+(OfflineGRPOTrainer.save_model, _save_sharded_state). A DeepSpeed config is HF's and
+accelerate's to apply, on GPUs (on a CPU accelerate runs DDP). Either way the loss runs the
+kernel inside the sharded model's forward (grpo_fast.logprobs.as_forward, LMHead.apply), where
+the LM head is whole, and the final model is gathered whole before it is written. A 4-bit base
+under FSDP2 is refused (grpo_fast.distributed.check).
 """
 
 from __future__ import annotations

@@ -59,6 +59,8 @@ def test_overrides_nested_and_scientific_notation():
     ({"dataset_path": "x"}, ["lora"], "expected KEY=VALUE"),
     ({"dataset_path": "x", "quantization": {"load_in_4bit": True}, "lora": {"enabled": False}}, [],
      "lora.enabled: quantized (QLoRA) training needs LoRA"),
+    ({"dataset_path": "x", "mode": "offline", "offline": {"beta": 0.1}, "lora": {"enabled": False}}, [],
+     "offline.beta: the offline reference is the model with its LoRA adapter off"),
 ])
 def test_bad_values_name_the_key(data, overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -118,8 +118,7 @@ def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_on
     if launcher == "fsdp2":
         cfg["logprob_backend"] = "triton"
     if not lora:
-        # A full fine-tune's offline reference would be the policy itself.
-        cfg["offline"]["beta"] = 0.0
+        cfg["offline"]["beta"] = 0.0  # the offline reference needs an adapter to switch off
     ranks, single = tmp_path / "ranks", tmp_path / "single"
     log = launch(launcher, {**cfg, "output_dir": str(ranks)}, tmp_path)
     train(config_from_dict({**cfg, "output_dir": str(single)}))

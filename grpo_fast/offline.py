@@ -341,6 +341,10 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
         # The optimizer both modes build; HF makes the scheduler from the arguments.
         optimizers=(build_optimizer(cfg, model, fused=False), None),
     )
+    if world.sharded and not trainer.is_distributed_loading_by_transformers:
+        # A transformers that no longer reads the mark would wrap the shards in DDP.
+        raise RuntimeError("offline FSDP2 needs a transformers whose Trainer takes a model sharded at load time "
+                           "(is_distributed_loading_by_transformers, 5.24): run it with ddp.yaml")
     if resume_ckpt is not None:
         step = json.loads((resume_ckpt / "trainer_state.json").read_text())["global_step"]
         total = trainer.total_steps()

@@ -7,7 +7,7 @@ the model itself; HF's Trainer gets it sharded), the LoRA adapter or every weigh
   batches in the same order): the final weights agree to float rounding, and so do the logged
   loss, KL, entropy, top-1 score, reference KL (offline.beta > 0) and gradient norm. Under FSDP2
   the log-probs come from the Triton kernel (interpreted) reading the LM head gathered in the
-  root's forward, in both runs.
+  root's forward, in both runs; the full fine-tune accumulates two micro-batches a step.
 * The run directory is written once: one adapter (or model, whole), one save, metrics.jsonl
   with each step once, one end-of-run summary, checkpoints holding both ranks' RNG states and
   the optimizer state (whole under FSDP2), no staging left over.
@@ -119,6 +119,8 @@ def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_on
         cfg["logprob_backend"] = "triton"
     if not lora:
         cfg["offline"]["beta"] = 0.0  # the offline reference needs an adapter to switch off
+        # Two micro-batches a step: FSDP2 reduce-scatters each one's gradients (HF would defer).
+        cfg["gradient_accumulation_steps"] = 2
     ranks, single = tmp_path / "ranks", tmp_path / "single"
     log = launch(launcher, {**cfg, "output_dir": str(ranks)}, tmp_path)
     train(config_from_dict({**cfg, "output_dir": str(single)}))

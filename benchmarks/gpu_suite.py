@@ -33,8 +33,8 @@ any failed):
   error, and packed-vs-padded log-probs of the same model on an unevenly padded batch. Goals
   (issue 5): peak under 6 GB, planner within 15%.
 - `sharded`: tests/test_offline_sharded.py, offline training under the shipped fsdp2, zero2 and
-  zero3 accelerate files on the GPU (ZeRO applied by HF's Trainer, on GPUs only; FSDP2 grpo-fast's
-  own sharding, over NCCL); one process per GPU, at most 2; skipped in the CPU smoke run.
+  zero3 accelerate files on the GPU, over NCCL (the CPU tests run them with gloo); one process per
+  GPU, at most 2; skipped in the CPU smoke run.
 
 Writes results/gpu-suite-<gpu-name-slug>.json (appended, one record per run, as the benchmarks
 do) and gpu-suite-<slug>.md (this run's summary). Without a CUDA device it exits at once with

@@ -21,11 +21,12 @@ without an accelerate config, it starts one process.) Under an FSDP2 accelerate 
 online trainer does (grpo_fast.distributed.shard; accelerate would run DDP on a CPU): HF's Trainer
 is handed a model sharded at load time, which it neither wraps nor shards again, and the
 checkpoints hold the whole weights and optimizer states, gathered from the shards
-(OfflineGRPOTrainer.save_model, _save_sharded_state). A DeepSpeed config is HF's and
-accelerate's to apply, on GPUs (on a CPU accelerate runs DDP). Either way the loss runs the
-kernel inside the sharded model's forward (grpo_fast.logprobs.as_forward, LMHead.apply), where
-the LM head is whole, and the final model is gathered whole before it is written. A 4-bit base
-under FSDP2 is refused (grpo_fast.distributed.check).
+(OfflineGRPOTrainer.save_model, _save_sharded_state). A DeepSpeed ZeRO config is HF's and
+accelerate's to apply, on GPUs and, through DeepSpeed's CPU accelerator with gloo, on a CPU
+(train_offline tells accelerate so); checkpoints are then DeepSpeed's own. Either way the loss
+runs the kernel inside the sharded model's forward (grpo_fast.logprobs.as_forward, LMHead.apply),
+where the LM head is whole, and the final model is gathered whole before it is written. A 4-bit
+base under FSDP2 or ZeRO-3 is refused (grpo_fast.distributed.check).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from . import distributed, logprobs
 from .config import Config, ConfigError
 from .data import GroupCollator, load_offline_dataset
 from .listwise import listwise_kl_loss, listwise_metrics
-from .modeling import load_model_and_tokenizer
+from .modeling import is_model_config_file, load_model_and_tokenizer
 from .optim import build_optimizer
 from .errors import TrainingStopped
 from .preflight import check_finite, preflight
@@ -229,7 +230,8 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
 
     # -- FSDP2: grpo-fast shards the model (train_offline), HF's Trainer is told it came sharded. --
     # HF then writes only the model into a checkpoint (it cannot gather the optimizer's shards),
-    # and that model a shard per rank; these methods write and read the whole of both instead.
+    # and that model a shard per rank; these methods write and read the whole of both instead
+    # (save_model also gathers ZeRO-3's partitions, whose optimizer DeepSpeed checkpoints itself).
 
     @contextlib.contextmanager
     def _defer_fsdp_gradient_reduction(self):
@@ -238,9 +240,11 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
         yield
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        if not self.world.sharded:
+        """The whole model, gathered from FSDP2's shards or ZeRO-3's partitions by every rank
+        (whatever the accelerate file says of zero3_save_16bit_model), written by the main one."""
+        if not (self.world.sharded or distributed.is_zero3(self.model)):
             return super().save_model(output_dir, _internal_call)
-        state_dict = distributed.full_state_dict(self.world, self.model)  # every rank gathers
+        state_dict = distributed.full_state_dict(self.world, self.model)
         if self.args.should_save:
             self._save(output_dir, state_dict=state_dict)
 
@@ -275,10 +279,24 @@ class OfflineGRPOTrainer(GRPOTrainerMixin, Trainer):
         return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
 
-def _zero3(trainer: Trainer) -> bool:
-    """Whether HF's Trainer holds the model partitioned by DeepSpeed ZeRO-3."""
-    return bool(trainer.is_deepspeed_enabled and
-                trainer.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3)
+@contextlib.contextmanager
+def _built_whole(cfg: Config):
+    """Random weights from a config file built whole, as one process builds them. Under a ZeRO-3
+    config HF builds every model inside deepspeed.zero.Init, each rank holding only its
+    partition from the start: right for pretrained weights, which no rank then holds whole, but
+    random ones would differ from the seeded ones a single process builds, and base_model/
+    would be saved empty. DeepSpeed partitions the whole model when it wraps it."""
+    if not is_model_config_file(cfg.model_path):
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    held = hf_deepspeed._hf_deepspeed_config_weak_ref  # what is_deepspeed_zero3_enabled reads
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = held
 
 
 def _mark_sharded(model: torch.nn.Module) -> None:
@@ -294,33 +312,37 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
     # Every path and the output directory are checked before any model loads.
     resume_ckpt, _ = checked or preflight(cfg, resume, OFFLINE_CHECKPOINT_FILES)
     strategy = distributed.strategy()
-    sharded = strategy == "fsdp2" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    sharded = strategy == "fsdp2" and several
+    overrides: dict[str, Any] = {}
     if sharded:
         # grpo-fast shards the model (below); accelerate, which would on a GPU, must not as well.
         os.environ["ACCELERATE_USE_FSDP"] = "false"
+        # HF can checkpoint only the model of such a run: OfflineGRPOTrainer writes the rest.
+        overrides["save_only_model"] = True
+    if strategy.startswith("zero") and several and not torch.cuda.is_available():
+        # accelerate builds a DeepSpeed engine only for a process not marked as a CPU one, and
+        # counts the processes of the backend it is given: DeepSpeed's CPU accelerator's, gloo.
+        overrides.update(use_cpu=False, ddp_backend="gloo")
     # First, so that under torchrun / accelerate launch the process group is up and the device
     # known: each process loads onto its own device, and only the main one writes or logs.
-    # Sharded, HF can checkpoint the model only: OfflineGRPOTrainer writes the rest.
-    args = training_arguments(cfg, save_only_model=True) if sharded else training_arguments(cfg)
+    args = training_arguments(cfg, **overrides)
     main = args.should_save
     world = distributed.World(rank=args.process_index, size=args.world_size, strategy=strategy)
     try:
         distributed.check(cfg, world.size, world.strategy)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if world.zero and not torch.cuda.is_available():
-        # accelerate builds DeepSpeed engines only on GPUs; HF's Trainer then runs DDP.
-        logger.warning("accelerate applies %s on GPUs only: this CPU run is data-parallel (DDP), every process "
-                       "holding the whole model", world.strategy)
     if not args.should_log:
         # As HF quiets transformers on the other processes (log_level_replica).
         logging.getLogger(__package__).setLevel(logging.WARNING)
         datasets.disable_progress_bars()
     # Sharded, a resumed run reads the checkpoint's weights here, into the whole model, before
     # each rank keeps its shard (HF would read them into the shards, which it cannot).
-    model, tokenizer = load_model_and_tokenizer(
-        cfg, device=args.device, output_dir=cfg.output_dir if main else None,
-        adapter_path=str(resume_ckpt) if sharded and resume_ckpt is not None else None)
+    with _built_whole(cfg):
+        model, tokenizer = load_model_and_tokenizer(
+            cfg, device=args.device, output_dir=cfg.output_dir if main else None,
+            adapter_path=str(resume_ckpt) if sharded and resume_ckpt is not None else None)
     if world.sharded:
         # Every rank loaded the same weights (seeded inits); each keeps its slice of them.
         distributed.shard(model)
@@ -370,10 +392,7 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
     # trainer.model is the model inside any DDP wrapper, identical on every process after the
     # last all-reduced step: one copy is written. Sharded (FSDP2, ZeRO-3), it is gathered whole
     # first, every process taking part.
-    if _zero3(trainer):
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    else:
-        state_dict = distributed.full_state_dict(world, trainer.model)
+    state_dict = distributed.full_state_dict(world, trainer.model)
     if main:
         save_final(cfg, trainer.model, tokenizer, cfg.output_dir, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()

@@ -68,7 +68,8 @@ def load_rewards(cfg: Config) -> list[RewardFunction]:
         raise ConfigError(str(e)) from None
 
 
-def preflight(cfg: Config, resume: bool, checkpoint_files: Sequence[str]) -> tuple[Optional[Path], list[RewardFunction]]:
+def preflight(cfg: Config, resume: bool,
+              checkpoint_files: Sequence[str | tuple[str, ...]]) -> tuple[Optional[Path], list[RewardFunction]]:
     """Check a training config before any model loads. Returns (the checkpoint to resume from
     or None, the loaded reward functions: empty offline)."""
     for key in ("dataset_path", "eval_dataset_path"):

@@ -49,10 +49,12 @@ RUN_MARKERS = (METRICS_FILE, COMPLETIONS_FILE, CONFIG_FILE, "adapter_config.json
                "pytorch_model.bin")
 
 # A checkpoint counts as complete only when every one of these is in it (weights are checked
-# separately: adapter or full model, single file or sharded).
+# separately: adapter or full model, single file or sharded); a tuple is a choice of files.
 ONLINE_STATE_FILE = "online_state.json"
 ONLINE_CHECKPOINT_FILES = (ONLINE_STATE_FILE, "optimizer.pt", "scheduler.pt", RNG_TENSORS, RNG_JSON)
-OFFLINE_CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+# HF's Trainer under DeepSpeed leaves the optimizer to DeepSpeed's own checkpoint: its partitions
+# in global_step<N>/, named by the `latest` file it writes last.
+OFFLINE_CHECKPOINT_FILES = ("trainer_state.json", ("optimizer.pt", "latest"), "scheduler.pt")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
 
@@ -75,14 +77,15 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def missing_files(ckpt: Path, required: Sequence[str]) -> list[str]:
-    missing = [name for name in required if not (ckpt / name).is_file()]
+def missing_files(ckpt: Path, required: Sequence[str | tuple[str, ...]]) -> list[str]:
+    choices = [(name,) if isinstance(name, str) else name for name in required]
+    missing = [" or ".join(names) for names in choices if not any((ckpt / n).is_file() for n in names)]
     if not any((ckpt / name).is_file() for name in WEIGHT_FILES):
         missing.append("model or adapter weights")
     return missing
 
 
-def latest_checkpoint(output_dir: str | Path, required: Sequence[str]) -> Optional[Path]:
+def latest_checkpoint(output_dir: str | Path, required: Sequence[str | tuple[str, ...]]) -> Optional[Path]:
     """The newest checkpoint holding every `required` file and its weights. Incomplete newer
     ones (a kill mid-save by an older version, a copy cut short) are named in a warning."""
     for ckpt in reversed(checkpoints(Path(output_dir))):
@@ -116,7 +119,8 @@ def check_writable(output_dir: Path, key: str = "output_dir") -> None:
         raise ConfigError(f"{key}: {output_dir} is not writable: {e.strerror or e}") from None
 
 
-def prepare_output_dir(output_dir: str | Path, resume: bool, required: Sequence[str]) -> Optional[Path]:
+def prepare_output_dir(output_dir: str | Path, resume: bool,
+                       required: Sequence[str | tuple[str, ...]]) -> Optional[Path]:
     """Check `output_dir` before anything is loaded or written; returns the checkpoint to resume
     from (None for a fresh run).
 

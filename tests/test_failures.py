@@ -105,13 +105,19 @@ def test_atomic_directory_is_all_or_nothing(tmp_path):
 def test_resume_takes_the_newest_complete_checkpoint_and_names_the_skipped(tmp_path, caplog):
     good = tmp_path / "checkpoint-4"
     good.mkdir()
-    for name in (*OFFLINE_CHECKPOINT_FILES, "adapter_model.safetensors"):
+    for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors"):
         (good / name).write_text("{}")
     (tmp_path / "checkpoint-6").mkdir()                              # an empty dir from a kill
     (tmp_path / "checkpoint-5").mkdir()
     (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
     assert latest_checkpoint(tmp_path, OFFLINE_CHECKPOINT_FILES) == good
-    assert "checkpoint-6" in caplog.text and "checkpoint-5" in caplog.text and "optimizer.pt" in caplog.text
+    assert "checkpoint-6" in caplog.text and "checkpoint-5" in caplog.text and "optimizer.pt or latest" in caplog.text
+    # HF's Trainer under DeepSpeed: the optimizer partitions in DeepSpeed's own checkpoint.
+    zero = tmp_path / "checkpoint-8"
+    zero.mkdir()
+    for name in ("trainer_state.json", "latest", "scheduler.pt", "model.safetensors"):
+        (zero / name).write_text("{}")
+    assert latest_checkpoint(tmp_path, OFFLINE_CHECKPOINT_FILES) == zero
 
 
 def test_offline_kill_mid_save_leaves_resume_working(tmp_path, monkeypatch):

@@ -1,21 +1,24 @@
-"""Offline GRPO on 2 CPU processes (gloo) against one: data-parallel under torchrun, and sharded
-by FSDP2 under `accelerate launch --config_file configs/accelerate/fsdp2.yaml` (grpo-fast shards
-the model itself; HF's Trainer gets it sharded), the LoRA adapter or every weight trained.
+"""Offline GRPO on 2 CPU processes (gloo) against one, launched as a user launches it:
+data-parallel under torchrun (LoRA, and QLoRA with a 4-bit base per rank), sharded by FSDP2 under
+`accelerate launch --config_file configs/accelerate/fsdp2.yaml` (grpo-fast shards the model
+itself; HF's Trainer gets it sharded), and partitioned by DeepSpeed ZeRO-2 / ZeRO-3 under
+zero2.yaml / zero3.yaml (HF's Trainer and accelerate, DeepSpeed's CPU accelerator; QLoRA too
+under ZeRO-2), the LoRA adapter or every weight trained.
 
 * 2 ranks at batch_size 2 train what one process trains at batch_size 4 (HF's sampler gives
   rank r the r-th of each pair of consecutive seeded batches, so both see the same global
   batches in the same order): the final weights agree to float rounding, and so do the logged
   loss, KL, entropy, top-1 score, reference KL (offline.beta > 0) and gradient norm. Under FSDP2
-  the log-probs come from the Triton kernel (interpreted) reading the LM head gathered in the
-  root's forward, in both runs; the full fine-tune accumulates two micro-batches a step.
-* The run directory is written once: one adapter (or model, whole), one save, metrics.jsonl
-  with each step once, one end-of-run summary, checkpoints holding both ranks' RNG states and
-  the optimizer state (whole under FSDP2), no staging left over.
+  and ZeRO-3 the log-probs come from the Triton kernel (interpreted) reading the LM head
+  gathered from its shards, in both runs; a full fine-tune accumulates two micro-batches a step.
+* The run directory is written once: one adapter (or model, whole), the random base whole, one
+  save, metrics.jsonl with each step once, one end-of-run summary, checkpoints holding both
+  ranks' RNG states and the optimizer state (whole under FSDP2; every rank's partition in
+  DeepSpeed's own checkpoint under ZeRO), no staging left over.
 * A run resumed under 2 ranks from its step-2 checkpoint ends bit for bit where it ended.
 
     pytest tests/test_offline_ddp.py
 """
-
 from __future__ import annotations
 
 import json
@@ -41,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The console script beside this interpreter: run by torchrun as is (--no-python), so that no
 # `python -m` puts a working directory holding kernels/ in front of HF's `kernels` package.
 GRPO_FAST = str(Path(sys.executable).with_name("grpo-fast"))
-FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
+ACCELERATE = ROOT / "configs" / "accelerate"
 STEPS = 4
 # Relative error of the update, ||ddp - single|| / ||single - init||: measured 4e-6 on this
 # machine (float rounding: the all-reduce sums in another order); a reference that is the policy
@@ -62,15 +65,15 @@ def config(tmp_path: Path) -> dict:
 
 def launch(launcher: str, cfg: dict, tmp_path: Path, *extra: str) -> str:
     """`grpo-fast train` on 2 CPU ranks at half the config's batch_size, under torchrun or
-    accelerate launch with the FSDP2 file; its stdout + stderr."""
+    accelerate launch with a shipped file (fsdp2, zero2, zero3); its stdout + stderr."""
     path = tmp_path / "ranks.yaml"
     path.write_text(json.dumps({**cfg, "batch_size": cfg["batch_size"] // 2}))  # JSON is YAML
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     else:
-        command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(FSDP2),
-                   "--num_processes", "2", "--main_process_port", str(free_port())]
+        command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+                   str(ACCELERATE / f"{launcher}.yaml"), "--num_processes", "2", "--main_process_port", str(free_port())]
     done = subprocess.run([*command, "--no-python" if launcher == "torchrun" else "--no_python", GRPO_FAST,
                            "train", "--config", str(path), *extra],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -100,10 +103,12 @@ def rel_err(got: dict, want: dict, start: dict) -> float:
     return num / den
 
 
-CASES = [("torchrun", "lora"), ("torchrun", "qlora"), ("fsdp2", "lora"), ("fsdp2", "full")]
+CASES = [("torchrun", "lora"), ("torchrun", "qlora"), ("fsdp2", "lora"), ("fsdp2", "full"), ("zero2", "full"),
+         ("zero2", "qlora"), ("zero3", "lora"), ("zero3", "full")]
 
 
-@pytest.mark.parametrize("launcher,weights_trained", CASES, ids=["ddp-lora", "ddp-qlora", "fsdp2-lora", "fsdp2-full"])
+@pytest.mark.parametrize("launcher,weights_trained", CASES,
+                         ids=[f"{'ddp' if a == 'torchrun' else a}-{b}" for a, b in CASES])
 def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_once(tmp_path, tmp_path_factory,
                                                                                     launcher, weights_trained):
     cfg = config(tmp_path)
@@ -115,8 +120,8 @@ def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_on
 
         cfg["model_path"] = save_base(tmp_path_factory, cfg["model_path"])
         cfg["quantization"] = {"load_in_4bit": True, "compute_dtype": "float32"}
-    if launcher == "fsdp2":
-        cfg["logprob_backend"] = "triton"
+    if launcher in ("fsdp2", "zero3"):
+        cfg["logprob_backend"] = "triton"  # the kernel on the LM head gathered from its shards
     if not lora:
         cfg["offline"]["beta"] = 0.0  # the offline reference needs an adapter to switch off
         # Two micro-batches a step: FSDP2 reduce-scatters each one's gradients (HF would defer).
@@ -145,12 +150,21 @@ def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_on
     assert log.count("sharded over 2 processes") == (launcher == "fsdp2")
     dirs = ["base_model"] if weights_trained == "lora" else []  # a base built from a config file
     assert sorted(p.name for p in ranks.iterdir() if p.is_dir()) == [*dirs, "checkpoint-2", "checkpoint-4"]
+    if dirs:
+        # The seeded random base, built whole (not inside ZeRO-3's partitioned init) and saved whole.
+        base, want_base = (load_file(str(run / "base_model" / "model.safetensors")) for run in (ranks, single))
+        assert base.keys() == want_base.keys() and all(torch.equal(base[k], w) for k, w in want_base.items())
+    zero = launcher.startswith("zero")
     for ckpt in ("checkpoint-2", "checkpoint-4"):
-        assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "scheduler.pt"} <= {
+        assert {"rng_state_0.pth", "rng_state_1.pth", "latest" if zero else "optimizer.pt", "scheduler.pt"} <= {
             p.name for p in (ranks / ckpt).iterdir()}
-    optimizer = torch.load(ranks / "checkpoint-4" / "optimizer.pt", weights_only=True)
-    moments = {tuple(s["exp_avg"].shape) for s in optimizer["state"].values()}
-    assert moments == {tuple(w.shape) for w in want_weights.values()}, "whole optimizer states"
+    if zero:
+        # DeepSpeed's own checkpoint: every rank's optimizer partition.
+        assert len(list((ranks / "checkpoint-4" / "global_step4").glob("*_optim_states.pt"))) == 2
+    else:
+        optimizer = torch.load(ranks / "checkpoint-4" / "optimizer.pt", weights_only=True)
+        moments = {tuple(s["exp_avg"].shape) for s in optimizer["state"].values()}
+        assert moments == {tuple(w.shape) for w in want_weights.values()}, "whole optimizer states"
 
     # Resumed from step 2 under 2 ranks: rows 3 and 4 are written again, once, and it ends where it ended.
     final = weights(ranks)

@@ -1,14 +1,12 @@
-"""Offline training sharded through the shipped accelerate configs on GPUs: ZeRO-2 and ZeRO-3
-(configs/accelerate/zero2.yaml, zero3.yaml), which HF's Trainer and accelerate apply on GPUs
-only (on a CPU accelerate runs DDP), and FSDP2 (fsdp2.yaml), grpo-fast's own sharding, here on
-CUDA with NCCL (tests/test_offline_ddp.py runs it on 2 CPU ranks). One process per GPU, at most
-2. The loss reads the LM head inside the sharded model's forward (FSDP2's root, ZeRO-3's head
-module); a run goes to the end, logs every row once and writes the whole model. Online mode
-under ZeRO-2/3 runs on CPUs too (DeepSpeed's CPU accelerator): tests/test_sharded.py.
+"""Offline training sharded through the shipped accelerate configs on a GPU: FSDP2 (fsdp2.yaml,
+grpo-fast's own sharding), ZeRO-2 and ZeRO-3 (zero2.yaml, zero3.yaml, applied by HF's Trainer and
+accelerate) over NCCL, one process per GPU, at most 2. tests/test_offline_ddp.py runs all three
+on 2 CPU ranks (gloo); this is the CUDA path. The loss reads the LM head inside the sharded
+model's forward (FSDP2's root, ZeRO-3's head module); a run goes to the end, logs every row once
+and writes the whole model.
 
     pytest tests/test_offline_sharded.py
 """
-
 from __future__ import annotations
 
 import importlib.util
@@ -27,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU run (FSDP2 offline on CPU: tests/test_offline_ddp.py)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (on CPU: tests/test_offline_ddp.py)")
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero2", "zero3"])
 def test_offline_trains_sharded(tmp_path, strategy):
     if strategy != "fsdp2" and importlib.util.find_spec("deepspeed") is None:

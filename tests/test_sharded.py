@@ -17,7 +17,7 @@ DeepSpeed through its CPU accelerator), launched as a user launches it: `acceler
 * Offline's log-probs of a padded batch of groups (grpo_fast.logprobs.group_logprobs, the
   Triton kernel on the gathered LM head), policy and adapter-disabled reference, with the
   gradient of every weight: a sharded model gives what the whole one gives (whole offline runs
-  under FSDP2: tests/test_offline_ddp.py).
+  under FSDP2 and ZeRO: tests/test_offline_ddp.py).
 * QLoRA, a 4-bit base per rank, trains under ddp.yaml and zero2.yaml.
 * What FSDP2 cannot run is refused in one line: a 4-bit base, FSDP1.
 

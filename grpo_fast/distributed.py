@@ -331,6 +331,21 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
                                            recurse=False)
 
 
+@contextlib.contextmanager
+def written_by_main(model: torch.nn.Module) -> Iterator[None]:
+    """Every ZeRO-3 parameter of `model` gathered whole for the duration, what the main process
+    writes into them partitioned again from its values on leaving (DeepSpeed's
+    GatheredParameters with modifier_rank 0; every rank must enter). A no-op for another model."""
+    zero3 = _zero3_parameters(model)
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0):
+        yield
+
+
 def _no_split_modules(model: torch.nn.Module) -> set[str]:
     """The decoder layer classes a Hugging Face model declares (`_no_split_modules`), looked up
     on the model or the one a PEFT wrapper holds."""

@@ -377,10 +377,13 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
             # HF would train one more step and overwrite the final model: a finished run stays as is.
             logger.info("the run in %s already finished at step %d of %d: nothing to do (raise "
                         "max_steps or num_epochs to train further)", cfg.output_dir, step, total)
-            # Sharded, every rank gathers the weights, which are the checkpoint's already.
+            # The main process reads the checkpoint's weights (into ZeRO-3's partitions gathered
+            # whole; FSDP2's shards hold them already), then every rank gathers them to be written.
+            with distributed.written_by_main(trainer.model):
+                if main:
+                    trainer._load_from_checkpoint(str(resume_ckpt))
             state_dict = distributed.full_state_dict(world, trainer.model)
             if main and not (Path(cfg.output_dir) / CONFIG_FILE).is_file():
-                trainer._load_from_checkpoint(str(resume_ckpt))
                 save_final(cfg, trainer.model, tokenizer, cfg.output_dir, state_dict=state_dict)
             trainer.accelerator.wait_for_everyone()
             return {"global_step": step}

@@ -15,7 +15,8 @@ under ZeRO-2), the LoRA adapter or every weight trained.
   save, metrics.jsonl with each step once, one end-of-run summary, checkpoints holding both
   ranks' RNG states and the optimizer state (whole under FSDP2; every rank's partition in
   DeepSpeed's own checkpoint under ZeRO), no staging left over.
-* A run resumed under 2 ranks from its step-2 checkpoint ends bit for bit where it ended.
+* A run resumed under 2 ranks from its step-2 checkpoint ends bit for bit where it ended; one
+  killed before its final model was written writes it from its last checkpoint.
 
     pytest tests/test_offline_ddp.py
 """
@@ -103,22 +104,25 @@ def rel_err(got: dict, want: dict, start: dict) -> float:
     return num / den
 
 
-CASES = [("torchrun", "lora"), ("torchrun", "qlora"), ("fsdp2", "lora"), ("fsdp2", "full"), ("zero2", "full"),
-         ("zero2", "qlora"), ("zero3", "lora"), ("zero3", "full")]
+# (launcher, weights trained, base): a random base built from the config file, or one saved as a
+# pretrained checkpoint (which ZeRO-3 loads partitioned; a 4-bit base is quantized as it loads).
+CASES = [("torchrun", "lora", "config"), ("torchrun", "qlora", "saved"), ("fsdp2", "lora", "config"),
+         ("fsdp2", "full", "config"), ("zero2", "full", "config"), ("zero2", "qlora", "saved"),
+         ("zero3", "lora", "config"), ("zero3", "full", "saved")]
 
 
-@pytest.mark.parametrize("launcher,weights_trained", CASES,
-                         ids=[f"{'ddp' if a == 'torchrun' else a}-{b}" for a, b in CASES])
+@pytest.mark.parametrize("launcher,weights_trained,base", CASES,
+                         ids=[f"{'ddp' if a == 'torchrun' else a}-{b}" for a, b, _ in CASES])
 def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_once(tmp_path, tmp_path_factory,
-                                                                                    launcher, weights_trained):
+                                                                                    launcher, weights_trained, base):
     cfg = config(tmp_path)
     lora = weights_trained != "full"
     cfg["lora"]["enabled"] = lora
-    if weights_trained == "qlora":
-        # Each rank loads its own 4-bit base (a saved checkpoint: bitsandbytes quantizes on load).
+    if base == "saved":
         from test_qlora import save_base
 
         cfg["model_path"] = save_base(tmp_path_factory, cfg["model_path"])
+    if weights_trained == "qlora":
         cfg["quantization"] = {"load_in_4bit": True, "compute_dtype": "float32"}
     if launcher in ("fsdp2", "zero3"):
         cfg["logprob_backend"] = "triton"  # the kernel on the LM head gathered from its shards
@@ -148,7 +152,7 @@ def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_on
     assert log.count(saved) == 1 and log.count("train data: 32 groups") == 1
     assert log.count("'train_runtime'") == 1
     assert log.count("sharded over 2 processes") == (launcher == "fsdp2")
-    dirs = ["base_model"] if weights_trained == "lora" else []  # a base built from a config file
+    dirs = ["base_model"] if lora and base == "config" else []
     assert sorted(p.name for p in ranks.iterdir() if p.is_dir()) == [*dirs, "checkpoint-2", "checkpoint-4"]
     if dirs:
         # The seeded random base, built whole (not inside ZeRO-3's partitioned init) and saved whole.
@@ -173,3 +177,12 @@ def test_two_ranks_train_what_one_process_trains_at_twice_the_batch_and_write_on
     assert "resuming from" in log and "checkpoint-2 at step 2 of 4" in log
     assert [r["step"] for r in rows(ranks)] == list(range(1, STEPS + 1))
     assert all(torch.equal(final[k], t) for k, t in weights(ranks).items())
+
+    if weights_trained == "full" and launcher != "zero2":
+        # Killed after the last checkpoint, before the final model: --resume writes it from the
+        # checkpoint's weights, read into the shards (FSDP2) or partitions (ZeRO-3) and gathered.
+        for name in ("grpo_config.yaml", "model.safetensors"):
+            (ranks / name).unlink()
+        log = launch(launcher, {**cfg, "output_dir": str(ranks)}, tmp_path, "--resume")
+        assert "already finished at step 4" in log
+        assert all(torch.equal(final[k], t) for k, t in weights(ranks).items())

@@ -8,7 +8,7 @@ Online: 4 prompts per rank x G = 8 completions of up to 32 tokens, dapo, beta 0,
 (data/arithmetic_train.jsonl, max_seq_length 32), the listwise loss, beta 0; a step's time is the
 gap between consecutive metrics.jsonl rows (logging_steps 1). A rank count runs under
 `torchrun --nproc_per_node R` in a fresh process group: `WARMUP` steps, then `STEPS` timed ones
-(`OFFLINE_STEPS` offline)
+(`OFFLINE_STEPS_FACTOR` times as many offline)
 on rank 0 (the step ends with the gradient reduction, so rank 0's time is the step's). Samples
 per second count completions; scaling efficiency is samples/s at 2 ranks over twice that at 1.
 FSDP2 and ZeRO run with the variables `accelerate launch --config_file
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WARMUP, STEPS = 2, 10
 # An offline step is a fraction of an online one and is timed from millisecond log stamps, where
 # 10 steps left run-to-run noise of 20%: it times three times as many.
-OFFLINE_STEPS = 3 * STEPS
+OFFLINE_STEPS_FACTOR = 3
 SHAPE = {"model_type": "llama", "vocab_size": 259, "hidden_size": 256, "intermediate_size": 768,
          "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
          "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
@@ -113,6 +113,8 @@ STRATEGY_ENV = {"ddp": {},
 
 def measure(ranks: int, warmup: int = WARMUP, steps: int = STEPS, strategy: str = "ddp",
             mode: str = "online") -> dict:
+    """One run's rank-0 timings: `steps` timed online steps, OFFLINE_STEPS_FACTOR times as many offline."""
+    steps *= OFFLINE_STEPS_FACTOR if mode == "offline" else 1
     with tempfile.TemporaryDirectory(prefix=f"bench-ddp-{ranks}-") as out, socket.socket() as s:
         (Path(out) / "model.json").write_text(json.dumps(SHAPE))
         s.bind(("127.0.0.1", 0))
@@ -138,8 +140,7 @@ CASES = [("online", "ddp", 1), ("online", "ddp", 2), ("online", "fsdp2", 2), ("o
 
 @pytest.mark.parametrize("mode,strategy,ranks", CASES)
 def test_ddp_scaling(benchmark, record_result, device_name, mode, strategy, ranks):
-    steps = OFFLINE_STEPS if mode == "offline" else STEPS
-    result = benchmark.pedantic(measure, args=(ranks, WARMUP, steps, strategy, mode), rounds=1, iterations=1)
+    result = benchmark.pedantic(measure, args=(ranks, WARMUP, STEPS, strategy, mode), rounds=1, iterations=1)
     benchmark.extra_info.update(result)
     record_result({"device_name": device_name, **result})
     assert result["ranks"] == ranks and result["samples_per_s"] > 0
@@ -157,7 +158,7 @@ def main() -> None:
         return
     one = {}
     for mode, strategy, ranks in CASES:
-        r = measure(ranks, args.warmup, args.steps * (OFFLINE_STEPS // STEPS if mode == "offline" else 1), strategy, mode)
+        r = measure(ranks, args.warmup, args.steps, strategy, mode)
         one.setdefault(mode, r)
         split = (f"; rollout {r['mean_rollout_s'] * 1e3:.0f}, train {r['mean_train_s'] * 1e3:.0f}"
                  if mode == "online" else "")

@@ -107,17 +107,24 @@ def strategy() -> str:
     return "ddp"
 
 
-def setup() -> World:
-    """Join the launcher's process group (once per process); a world of one without a launcher."""
+def launched() -> World:
+    """The world the launcher's environment describes (RANK, WORLD_SIZE, LOCAL_RANK and the
+    accelerate config's strategy), without joining its process group (HF's Trainer joins it
+    offline); a world of one without a launcher."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")), strategy())
+
+
+def setup() -> World:
+    """Join the launcher's process group (once per process); a world of one without a launcher."""
+    world = launched()
+    if world.size > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(world.local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, strategy())
+    return world
 
 
 def check(cfg, size: int, strategy: str) -> None:
@@ -359,6 +366,9 @@ def _no_split_modules(model: torch.nn.Module) -> set[str]:
 def full_state_dict(world: World, model: torch.nn.Module) -> Optional[dict]:
     """The whole state dict of a sharded model on the main process (None elsewhere; every rank
     must call it, it gathers), on the CPU; None for an unsharded model (use its own)."""
+    # A tied parameter (embeddings and LM head) is one tensor under all its names, so that it is
+    # written once, as the unsharded model writes it.
+    tied = _tied_names(model)
     zero3 = _zero3_parameters(model)
     if zero3:
         import deepspeed
@@ -366,15 +376,10 @@ def full_state_dict(world: World, model: torch.nn.Module) -> Optional[dict]:
         with deepspeed.zero.GatheredParameters(zero3):
             if not world.main:
                 return None
-            # Copies (the gathered weights are freed on leaving), one per storage, so tied
-            # weights stay one tensor and are written once.
-            copies: dict = {}
-            state = {}
+            # Copies: the gathered weights are freed on leaving.
+            state: dict = {}
             for name, value in model.state_dict().items():
-                key = value.data_ptr() if value.numel() else id(value)  # empty tensors share address 0
-                if key not in copies:
-                    copies[key] = value.detach().cpu().clone()
-                state[name] = copies[key]
+                state[name] = state[tied[name]] if tied.get(name) in state else value.detach().cpu().clone()
             return state
     if not world.sharded:
         return None
@@ -383,14 +388,20 @@ def full_state_dict(world: World, model: torch.nn.Module) -> Optional[dict]:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not world.main:
         return None
-    # A tied parameter (embeddings and LM head) gathers into one copy per name: one tensor under
-    # all its names again, so it is written once, as the unsharded model writes it.
-    owner: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        first = owner.setdefault(id(param), name)
-        if first != name and first in state and name in state:
+    for name, first in tied.items():
+        if name in state and first in state:
             state[name] = state[first]
     return state
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Each later name of a parameter registered under several (a tied LM head), with its first."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            tied[name] = first[id(param)]
+    return tied
 
 
 def optimizer_state_dict(world: World, model: torch.nn.Module, optimizer) -> Optional[dict]:

@@ -311,16 +311,18 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
     """Train offline; `checked` is what grpo_fast.preflight.preflight returned, if the caller ran it."""
     # Every path and the output directory are checked before any model loads.
     resume_ckpt, _ = checked or preflight(cfg, resume, OFFLINE_CHECKPOINT_FILES)
-    strategy = distributed.strategy()
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    sharded = strategy == "fsdp2" and several
+    try:
+        world = distributed.launched()
+        distributed.check(cfg, world.size, world.strategy)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     overrides: dict[str, Any] = {}
-    if sharded:
+    if world.sharded:
         # grpo-fast shards the model (below); accelerate, which would on a GPU, must not as well.
         os.environ["ACCELERATE_USE_FSDP"] = "false"
         # HF can checkpoint only the model of such a run: OfflineGRPOTrainer writes the rest.
         overrides["save_only_model"] = True
-    if strategy.startswith("zero") and several and not torch.cuda.is_available():
+    if world.zero and not torch.cuda.is_available():
         # accelerate builds a DeepSpeed engine only for a process not marked as a CPU one, and
         # counts the processes of the backend it is given: DeepSpeed's CPU accelerator's, gloo.
         overrides.update(use_cpu=False, ddp_backend="gloo")
@@ -328,11 +330,6 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
     # known: each process loads onto its own device, and only the main one writes or logs.
     args = training_arguments(cfg, **overrides)
     main = args.should_save
-    world = distributed.World(rank=args.process_index, size=args.world_size, strategy=strategy)
-    try:
-        distributed.check(cfg, world.size, world.strategy)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     if not args.should_log:
         # As HF quiets transformers on the other processes (log_level_replica).
         logging.getLogger(__package__).setLevel(logging.WARNING)
@@ -342,7 +339,7 @@ def train_offline(cfg: Config, resume: bool = False, checked: Optional[tuple] = 
     with _built_whole(cfg):
         model, tokenizer = load_model_and_tokenizer(
             cfg, device=args.device, output_dir=cfg.output_dir if main else None,
-            adapter_path=str(resume_ckpt) if sharded and resume_ckpt is not None else None)
+            adapter_path=str(resume_ckpt) if world.sharded and resume_ckpt is not None else None)
     if world.sharded:
         # Every rank loaded the same weights (seeded inits); each keeps its slice of them.
         distributed.shard(model)

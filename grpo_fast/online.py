@@ -345,10 +345,6 @@ class OnlineTrainer:
             return truncated_completion_mask(roll.completion_mask, roll.terminated)
         return roll.completion_mask
 
-    @property
-    def trainable(self) -> list[Tensor]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     # ---------------------------------------------------------------------------------------
     # The loop
     # ---------------------------------------------------------------------------------------

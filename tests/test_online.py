@@ -331,7 +331,7 @@ def test_zero_advantage_rows_are_skipped_with_the_same_gradient(prompts_file, tm
         online.group_advantages(torch.tensor([0.0] * 4 + [0.0, 1.0, 2.0, 3.0]), 4), roll.completion_mask,
         loss_type="dapo", num_items_in_batch=int(roll.lengths.sum()))
     expected_loss.backward()
-    expected = [p.grad.clone() for p in trainer.trainable]
+    expected = [p.grad.clone() for p in trainer.update.params]
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.step(records)
     assert rows_seen == [4], "only the group with different rewards is trained on"
@@ -453,11 +453,11 @@ def test_mixed_precision_step_trains(prompts_file, tmp_path, rank_reward, precis
     """Autocast forwards with fp32 master weights: a step runs, stays finite and moves weights."""
     cfg = make_cfg(prompts_file, tmp_path, mixed_precision=precision, online={"rewards": rank_reward})
     trainer = OnlineTrainer(cfg)
-    before = [p.detach().clone() for p in trainer.trainable]
+    before = [p.detach().clone() for p in trainer.update.params]
     metrics, _ = trainer.step(trainer.prompts[:2])
-    assert all(p.dtype == torch.float32 for p in trainer.trainable)
+    assert all(p.dtype == torch.float32 for p in trainer.update.params)
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trainable))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.update.params))
 
 
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
